@@ -4,6 +4,7 @@
 pub mod blob;
 pub mod config;
 pub mod context;
+pub mod fanout;
 pub mod grpc;
 pub mod jobs;
 pub mod queue;

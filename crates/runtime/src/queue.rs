@@ -36,6 +36,12 @@ pub struct ClaimCheck {
     /// W3C trace context of the producer, so consumer spans join its trace.
     #[serde(default)]
     pub traceparent: Option<String>,
+    /// Work directory of the stage job the item belongs to (see [`crate::fanout`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<String>,
+    /// Name of the item's part marker in that directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
 }
 
 /// One delivery of an item to a consumer.
@@ -278,6 +284,8 @@ mod tests {
             sha256: "ab".into(),
             records: 3,
             traceparent: None,
+            work: Some("file:///x/runs/r1/work/reconstruct-0123".into()),
+            part: Some("p1".into()),
         };
         assert_eq!(ClaimCheck::from_payload(&c.to_payload()).unwrap(), c);
         let err = ClaimCheck::from_payload(

@@ -452,6 +452,8 @@ async fn flush(
                 sha256: enc.sha256.clone(),
                 records: enc.records as u64,
                 traceparent: None,
+                work: None,
+                part: None,
             };
             q.publish(PRS_TOPIC, &serde_json::to_vec(&msg)?)
                 .await

@@ -1,0 +1,310 @@
+//! One stage job shared by every replica of its service.
+//!
+//! The job that a stage's Start RPC created is the *coordinator*: it writes the stage spec into
+//! a work directory, publishes one claim check per input shard on the stage's topic, and waits
+//! until every input has a *part marker*. Workers on any replica take the claims, write their
+//! outputs, then the marker (the commit point of that input), then ack. The coordinator finally
+//! reduces the parts in input order, so what a stage writes does not depend on which replica
+//! handled which input, or on how often an input was handled.
+//!
+//! Inputs already committed are not published again: a restarted coordinator picks up where the
+//! last one stopped. An input that used up its attempts ends in `{topic}:dlq`; the coordinator
+//! sees it there and fails the job with that input's error instead of waiting forever.
+use crate::blob::{self, BlobError, BlobStore, S3Config};
+use crate::queue::{ClaimCheck, Delivery, WorkQueue};
+use crate::shard;
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const SPEC_KEY: &str = "spec.json";
+const PARTS: &str = "parts/";
+
+/// A stage job's work directory: its spec and one marker per committed input.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub uri: String,
+    pub store: Arc<dyn BlobStore>,
+}
+
+impl Work {
+    pub async fn open(uri: &str, s3: &S3Config) -> anyhow::Result<Self> {
+        let uri = uri.trim_end_matches('/').to_string();
+        let store = blob::open(&uri, s3)
+            .await
+            .map_err(|e| anyhow::anyhow!("opening work directory {uri}: {e}"))?;
+        Ok(Self { uri, store })
+    }
+
+    /// `{root}/runs/{run}/work/{stage}-{spec hash}`: one directory per run, stage and spec, so a
+    /// changed spec never reuses parts made under another.
+    pub fn dir_uri(root: &str, run_id: &str, stage: &str, spec: &impl Serialize) -> String {
+        let spec = serde_json::to_vec(spec).expect("a stage spec serializes");
+        format!(
+            "{}/runs/{run_id}/work/{stage}-{}",
+            root.trim_end_matches('/'),
+            &shard::sha256_hex(&spec)[..12]
+        )
+    }
+
+    pub async fn put_spec<T: Serialize>(&self, spec: &T) -> anyhow::Result<()> {
+        self.store
+            .put(SPEC_KEY, Bytes::from(serde_json::to_vec_pretty(spec)?))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn spec<T: DeserializeOwned>(&self) -> anyhow::Result<T> {
+        let data = self
+            .store
+            .get(SPEC_KEY)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}/{SPEC_KEY}: {e}", self.uri))?;
+        serde_json::from_slice(&data).map_err(|e| anyhow::anyhow!("{}/{SPEC_KEY}: {e}", self.uri))
+    }
+
+    fn part_key(name: &str) -> String {
+        format!("{PARTS}{name}.json")
+    }
+
+    /// Writes `name`'s marker: call it after the input's outputs are written.
+    pub async fn commit_part<T: Serialize>(&self, name: &str, part: &T) -> anyhow::Result<()> {
+        self.store
+            .put(
+                &Self::part_key(name),
+                Bytes::from(serde_json::to_vec(part)?),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `name`'s marker, when that input is committed.
+    pub async fn part<T: DeserializeOwned>(&self, name: &str) -> anyhow::Result<Option<T>> {
+        match self.store.get(&Self::part_key(name)).await {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| {
+                anyhow::anyhow!("{}/{}: {e}", self.uri, Self::part_key(name))
+            })?)),
+            Err(BlobError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Names of the committed inputs.
+    pub async fn committed(&self) -> anyhow::Result<BTreeSet<String>> {
+        Ok(self
+            .store
+            .list(PARTS)
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                m.key
+                    .strip_prefix(PARTS)
+                    .and_then(|k| k.strip_suffix(".json"))
+                    .map(str::to_string)
+            })
+            .collect())
+    }
+}
+
+/// One input of a stage job: the claim check workers get, and the name of its part.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub part: String,
+    pub claim: ClaimCheck,
+}
+
+impl Item {
+    /// An input shard at `uri` with its content: the part is named after the content, so the
+    /// same shard is one part however it is listed.
+    pub fn for_shard(run_id: &str, topic: &str, uri: &str, data: &[u8], records: u64) -> Self {
+        let sha256 = shard::sha256_hex(data);
+        Self {
+            part: format!(
+                "{}-{}",
+                &shard::sha256_hex(uri.as_bytes())[..12],
+                &sha256[..12]
+            ),
+            claim: ClaimCheck {
+                run_id: run_id.to_string(),
+                topic: topic.to_string(),
+                uri: uri.to_string(),
+                sha256,
+                records,
+                traceparent: crate::telemetry::current_traceparent(),
+                work: None,
+                part: None,
+            },
+        }
+    }
+}
+
+/// How a coordinator waits.
+#[derive(Debug, Clone)]
+pub struct WaitOptions {
+    pub poll: Duration,
+    /// How often the dead-letter stream is checked for this job's inputs.
+    pub dlq_every: Duration,
+}
+
+impl Default for WaitOptions {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_millis(250),
+            dlq_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Publishes the inputs not yet committed and waits until every input is. `progress` sees
+/// (committed, total) whenever that changes. Fails when an input is dead-lettered or the job is
+/// cancelled.
+pub async fn distribute(
+    queue: &dyn WorkQueue,
+    topic: &str,
+    work: &Work,
+    items: &[Item],
+    cancel: &CancellationToken,
+    opts: &WaitOptions,
+    mut progress: impl FnMut(u64, u64) + Send,
+) -> anyhow::Result<()> {
+    let total = items.len() as u64;
+    let committed = work.committed().await?;
+    for it in items.iter().filter(|it| !committed.contains(&it.part)) {
+        let mut claim = it.claim.clone();
+        claim.topic = topic.to_string();
+        claim.work = Some(work.uri.clone());
+        claim.part = Some(it.part.clone());
+        queue.publish(topic, &claim.to_payload()).await?;
+    }
+    let mut last = u64::MAX;
+    let mut dlq_checked = Instant::now();
+    loop {
+        let committed = work.committed().await?;
+        let done = items
+            .iter()
+            .filter(|it| committed.contains(&it.part))
+            .count() as u64;
+        if done != last {
+            progress(done, total);
+            last = done;
+        }
+        if done == total {
+            return Ok(());
+        }
+        if dlq_checked.elapsed() >= opts.dlq_every {
+            dlq_checked = Instant::now();
+            for d in queue.dead_letters(topic).await? {
+                let Ok(c) = ClaimCheck::from_payload(&d.payload) else {
+                    continue;
+                };
+                if c.work.as_deref() == Some(work.uri.as_str())
+                    && let Some(p) = &c.part
+                    && !committed.contains(p)
+                {
+                    anyhow::bail!(
+                        "input {} failed {} times (dead-lettered on `{topic}:dlq`): {}",
+                        c.uri,
+                        d.attempts,
+                        d.error
+                    );
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => anyhow::bail!("cancelled"),
+            _ = tokio::time::sleep(opts.poll) => {}
+        }
+    }
+}
+
+/// Reads a claim's input shard and checks it against the claim's SHA-256.
+pub async fn read_input(claim: &ClaimCheck, s3: &S3Config) -> anyhow::Result<(String, Bytes)> {
+    let (dir, name) = claim
+        .uri
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow::anyhow!("claim check uri `{}` names no object", claim.uri))?;
+    let store = blob::open(dir, s3).await?;
+    let data = store
+        .get(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", claim.uri))?;
+    let actual = shard::sha256_hex(&data);
+    anyhow::ensure!(
+        actual.eq_ignore_ascii_case(&claim.sha256),
+        "{}: content changed since it was announced (sha256 {actual}, claim {})",
+        claim.uri,
+        claim.sha256
+    );
+    Ok((name.to_string(), data))
+}
+
+/// A claim check of a stage job, with its work directory opened.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub claim: ClaimCheck,
+    pub work: Work,
+    pub part: String,
+}
+
+/// Takes `topic`'s claims until `shutdown`. An input whose part is already committed is acked
+/// untouched (a redelivery after the worker died between commit and ack); otherwise `handle`
+/// writes its outputs and the marker. A failure is nacked with its error: the queue retries it
+/// and dead-letters it after its last attempt, and the worker goes on.
+pub async fn serve_topic<F, Fut>(
+    queue: Arc<dyn WorkQueue>,
+    topic: &str,
+    consumer: &str,
+    s3: S3Config,
+    shutdown: CancellationToken,
+    mut handle: F,
+) -> anyhow::Result<u64>
+where
+    F: FnMut(Claimed) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let mut done = 0u64;
+    while !shutdown.is_cancelled() {
+        let delivery = tokio::select! {
+            d = queue.receive(topic, consumer, Duration::from_secs(2)) => d?,
+            _ = shutdown.cancelled() => break,
+        };
+        let Some(d) = delivery else { continue };
+        match take(&d, &s3, &mut handle).await {
+            Ok(()) => {
+                queue.ack(&d).await?;
+                done += 1;
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::warn!(topic, id = %d.id, attempt = d.attempt, error = %error, "work item failed");
+                queue.nack(&d, &error, None).await?;
+            }
+        }
+    }
+    Ok(done)
+}
+
+async fn take<F, Fut>(d: &Delivery, s3: &S3Config, handle: &mut F) -> anyhow::Result<()>
+where
+    F: FnMut(Claimed) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let claim = ClaimCheck::from_payload(&d.payload)?;
+    let (Some(work), Some(part)) = (claim.work.clone(), claim.part.clone()) else {
+        anyhow::bail!(
+            "claim check for {} names no work directory or part: publish inputs through a stage job",
+            claim.uri
+        );
+    };
+    let work = Work::open(&work, s3).await?;
+    if work.part::<serde_json::Value>(&part).await?.is_some() {
+        tracing::debug!(part, "already committed");
+        return Ok(());
+    }
+    handle(Claimed { claim, work, part }).await
+}

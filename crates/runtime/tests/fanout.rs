@@ -1,0 +1,258 @@
+//! A stage job fanned out over several workers: every input is committed once, committed inputs
+//! are not published again, and an input that exhausts its attempts fails the coordinator.
+use davinci_runtime::blob::{self, S3Config};
+use davinci_runtime::fanout::{self, Item, WaitOptions, Work};
+use davinci_runtime::queue::{MemoryQueue, QueueOptions, WorkQueue};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const TOPIC: &str = "things";
+
+async fn inputs(root: &str, n: usize) -> Vec<Item> {
+    let store = blob::open(root, &S3Config::default()).await.unwrap();
+    let mut items = Vec::new();
+    for i in 0..n {
+        let key = format!("in/shard-{i}.jsonl");
+        let data = format!("{{\"n\":{i}}}\n");
+        store.put(&key, data.clone().into()).await.unwrap();
+        items.push(Item::for_shard(
+            "r1",
+            TOPIC,
+            &store.uri(&key),
+            data.as_bytes(),
+            1,
+        ));
+    }
+    items
+}
+
+fn opts() -> WaitOptions {
+    WaitOptions {
+        poll: Duration::from_millis(20),
+        dlq_every: Duration::from_millis(50),
+    }
+}
+
+/// Workers that sum each input's number into `sum` and commit the part.
+fn spawn_workers(
+    queue: Arc<dyn WorkQueue>,
+    n: usize,
+    sum: Arc<AtomicU64>,
+    handled: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<u64>>> {
+    (0..n)
+        .map(|w| {
+            let (queue, sum, handled, stop) =
+                (queue.clone(), sum.clone(), handled.clone(), stop.clone());
+            tokio::spawn(async move {
+                fanout::serve_topic(
+                    queue,
+                    TOPIC,
+                    &format!("w{w}"),
+                    S3Config::default(),
+                    stop,
+                    |c| {
+                        let (sum, handled) = (sum.clone(), handled.clone());
+                        async move {
+                            let (_, data) =
+                                fanout::read_input(&c.claim, &S3Config::default()).await?;
+                            let v: serde_json::Value = serde_json::from_slice(&data)?;
+                            let n = v["n"].as_u64().unwrap();
+                            anyhow::ensure!(n != 13, "thirteen is refused");
+                            handled.fetch_add(1, Ordering::SeqCst);
+                            sum.fetch_add(n, Ordering::SeqCst);
+                            c.work
+                                .commit_part(&c.part, &serde_json::json!({ "n": n }))
+                                .await
+                        }
+                    },
+                )
+                .await
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn inputs_are_shared_by_workers_and_committed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().display());
+    let queue: Arc<dyn WorkQueue> = Arc::new(MemoryQueue::new(QueueOptions::default()));
+    let items = inputs(&root, 10).await;
+    let work = Work::open(
+        &Work::dir_uri(&root, "r1", "sum", &"spec"),
+        &S3Config::default(),
+    )
+    .await
+    .unwrap();
+    work.put_spec(&serde_json::json!({ "k": 1 })).await.unwrap();
+    // Input 0 is committed already (a previous coordinator's worker finished it).
+    work.commit_part(&items[0].part, &serde_json::json!({ "n": 0 }))
+        .await
+        .unwrap();
+    let (sum, handled, stop) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        CancellationToken::new(),
+    );
+    let workers = spawn_workers(queue.clone(), 3, sum.clone(), handled.clone(), stop.clone());
+    let mut seen = Vec::new();
+    fanout::distribute(
+        queue.as_ref(),
+        TOPIC,
+        &work,
+        &items,
+        &CancellationToken::new(),
+        &opts(),
+        |d, t| seen.push((d, t)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        9,
+        "the committed input is not published again"
+    );
+    assert_eq!(sum.load(Ordering::SeqCst), (1..10).sum::<u64>());
+    assert_eq!(seen.first(), Some(&(1, 10)));
+    assert_eq!(seen.last(), Some(&(10, 10)));
+    assert_eq!(work.committed().await.unwrap().len(), 10);
+    let spec: serde_json::Value = work.spec().await.unwrap();
+    assert_eq!(spec["k"], 1);
+
+    // Publishing the same job again (a restarted coordinator) does no work at all.
+    fanout::distribute(
+        queue.as_ref(),
+        TOPIC,
+        &work,
+        &items,
+        &CancellationToken::new(),
+        &opts(),
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(handled.load(Ordering::SeqCst), 9);
+    stop.cancel();
+    let total: u64 = futures::future::join_all(workers)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .sum();
+    assert_eq!(total, 9);
+}
+
+#[tokio::test]
+async fn a_dead_lettered_input_fails_the_job_with_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().display());
+    let queue: Arc<dyn WorkQueue> = Arc::new(MemoryQueue::new(QueueOptions {
+        max_attempts: 2,
+        ..Default::default()
+    }));
+    let items = inputs(&root, 15).await;
+    let work = Work::open(
+        &Work::dir_uri(&root, "r1", "sum", &"spec"),
+        &S3Config::default(),
+    )
+    .await
+    .unwrap();
+    let stop = CancellationToken::new();
+    let _workers = spawn_workers(
+        queue.clone(),
+        2,
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        stop.clone(),
+    );
+    let err = fanout::distribute(
+        queue.as_ref(),
+        TOPIC,
+        &work,
+        &items,
+        &CancellationToken::new(),
+        &opts(),
+        |_, _| {},
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("shard-13.jsonl"), "{err}");
+    assert!(err.contains("thirteen is refused"), "{err}");
+    assert!(err.contains("2 times"), "{err}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_claim_without_a_work_directory_is_refused_and_cancel_stops_waiting() {
+    let queue: Arc<dyn WorkQueue> = Arc::new(MemoryQueue::new(QueueOptions {
+        max_attempts: 1,
+        ..Default::default()
+    }));
+    let mut item = inputs(
+        &format!("file://{}", tempfile::tempdir().unwrap().path().display()),
+        1,
+    )
+    .await
+    .remove(0);
+    item.claim.topic = TOPIC.into();
+    queue
+        .publish(TOPIC, &item.claim.to_payload())
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(fanout::serve_topic(
+        queue.clone(),
+        TOPIC,
+        "w",
+        S3Config::default(),
+        stop.clone(),
+        |_| async { anyhow::Ok(()) },
+    ));
+    let mut dlq = Vec::new();
+    for _ in 0..100 {
+        dlq = queue.dead_letters(TOPIC).await.unwrap();
+        if !dlq.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        dlq[0].error.contains("names no work directory"),
+        "{:?}",
+        dlq[0].error
+    );
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+
+    // A coordinator whose inputs never complete stops when its job is cancelled.
+    let dir = tempfile::tempdir().unwrap();
+    let work = Work::open(
+        &format!("file://{}/w", dir.path().display()),
+        &S3Config::default(),
+    )
+    .await
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c2.cancel();
+    });
+    let err = fanout::distribute(
+        queue.as_ref(),
+        "other",
+        &work,
+        &[item],
+        &cancel,
+        &opts(),
+        |_, _| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("cancelled"));
+}
