@@ -52,6 +52,23 @@ impl Work {
         )
     }
 
+    /// The work directory for a stage job writing to `out`: [`Self::dir_uri`] when `out` lies
+    /// in `{root}/runs/{run_id}`, else `{out}/work/{stage}-{spec hash}`.
+    pub fn dir_for(out: &str, run_id: &str, stage: &str, spec: &impl Serialize) -> String {
+        let out = out.trim_end_matches('/');
+        let marker = format!("/runs/{run_id}");
+        match out
+            .find(&format!("{marker}/"))
+            .or_else(|| out.ends_with(&marker).then(|| out.len() - marker.len()))
+        {
+            Some(i) if !run_id.is_empty() => Self::dir_uri(&out[..i], run_id, stage, spec),
+            _ => {
+                let spec = serde_json::to_vec(spec).expect("a stage spec serializes");
+                format!("{out}/work/{stage}-{}", &shard::sha256_hex(&spec)[..12])
+            }
+        }
+    }
+
     pub async fn put_spec<T: Serialize>(&self, spec: &T) -> anyhow::Result<()> {
         self.store
             .put(SPEC_KEY, Bytes::from(serde_json::to_vec_pretty(spec)?))
@@ -307,4 +324,19 @@ where
         return Ok(());
     }
     handle(Claimed { claim, work, part }).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_dirs_sit_under_the_run() {
+        let a = Work::dir_for("s3://b/p/runs/r1/packed", "r1", "pack", &1);
+        assert!(a.starts_with("s3://b/p/runs/r1/work/pack-"), "{a}");
+        assert_eq!(a, Work::dir_for("s3://b/p/runs/r1", "r1", "pack", &1));
+        assert_ne!(a, Work::dir_for("s3://b/p/runs/r1", "r1", "pack", &2));
+        let b = Work::dir_for("file:///tmp/out", "r1", "pack", &1);
+        assert!(b.starts_with("file:///tmp/out/work/pack-"), "{b}");
+    }
 }

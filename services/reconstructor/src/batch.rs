@@ -4,7 +4,7 @@
 //! Output shard names derive from the input shard name and the format version, so running the
 //! stage twice writes the same objects.
 use crate::enhance::Enhancer;
-use crate::pipeline::{Reconstructor, Stats};
+use crate::pipeline::{Candidate, Reconstructor, Stats};
 use bytes::Bytes;
 use davinci_core::pr::PullRequest;
 use davinci_core::sample::{Sample, SampleSource};
@@ -96,17 +96,30 @@ pub async fn list_inputs(store: &dyn BlobStore, prefix: &str) -> anyhow::Result<
     Ok(keys)
 }
 
-/// Renders one decoded shard. Reasoning text is built concurrently (`concurrency` PRs in
-/// flight, useful with an LLM endpoint); rendering and the dedup indexes run in input order so
-/// output is reproducible.
+/// Renders one decoded shard and dedups it: [`render_shard`] then [`admit_all`].
 pub async fn process_shard(
     key: &str,
     data: &[u8],
     recon: &mut Reconstructor,
     enhancer: Arc<Enhancer>,
     concurrency: usize,
-    mut on_record: impl FnMut(),
+    on_record: impl FnMut(),
 ) -> anyhow::Result<BTreeMap<SampleSource, Vec<Sample>>> {
+    let candidates = render_shard(key, data, recon, enhancer, concurrency, on_record).await?;
+    Ok(admit_all(recon, candidates))
+}
+
+/// The order-free half of the stage over one shard: every PR rendered into candidates, in
+/// input order. Reasoning text is built concurrently (`concurrency` PRs in flight, useful with
+/// an LLM endpoint).
+pub async fn render_shard(
+    key: &str,
+    data: &[u8],
+    recon: &mut Reconstructor,
+    enhancer: Arc<Enhancer>,
+    concurrency: usize,
+    mut on_record: impl FnMut(),
+) -> anyhow::Result<Vec<Candidate>> {
     let records = decode_prs(key, data)?;
     let mut stream = futures::stream::iter(records.into_iter().map(move |r| {
         let e = enhancer.clone();
@@ -123,14 +136,10 @@ pub async fn process_shard(
         }
     }))
     .buffered(concurrency.max(1));
-    let mut by_format: BTreeMap<SampleSource, Vec<Sample>> = BTreeMap::new();
+    let mut out = Vec::new();
     while let Some(item) = stream.next().await {
         match item {
-            Ok((pr, enh, prov)) => {
-                for s in recon.process(pr, &enh, &prov) {
-                    by_format.entry(s.source).or_default().push(s);
-                }
-            }
+            Ok((pr, enh, prov)) => out.extend(recon.render(pr, &enh, &prov)),
             Err(msg) => {
                 tracing::warn!(error = %msg, "unreadable PR record");
                 recon.bad_record();
@@ -138,7 +147,22 @@ pub async fn process_shard(
         }
         on_record();
     }
-    Ok(by_format)
+    Ok(out)
+}
+
+/// The ordered half: dedups `candidates` against everything admitted before, in order, so the
+/// result is reproducible whichever replica rendered them.
+pub fn admit_all(
+    recon: &mut Reconstructor,
+    candidates: Vec<Candidate>,
+) -> BTreeMap<SampleSource, Vec<Sample>> {
+    let mut by_format: BTreeMap<SampleSource, Vec<Sample>> = BTreeMap::new();
+    for c in candidates {
+        if let Some(s) = recon.admit(c) {
+            by_format.entry(s.source).or_default().push(s);
+        }
+    }
+    by_format
 }
 
 /// Writes one sample shard per format under `{out_prefix}/samples/{format}/`, named from the

@@ -172,11 +172,20 @@ pub struct ExactDedup {
 }
 
 impl ExactDedup {
+    /// The key [`Self::check_and_insert_key`] takes: the text's SHA-256.
+    pub fn key(text: &str) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(text.as_bytes()).into()
+    }
+
     /// True when `text` was seen before; remembers it otherwise.
     pub fn check_and_insert(&mut self, text: &str) -> bool {
-        use sha2::Digest;
-        let h: [u8; 32] = sha2::Sha256::digest(text.as_bytes()).into();
-        !self.seen.insert(h)
+        self.check_and_insert_key(Self::key(text))
+    }
+
+    /// [`Self::check_and_insert`] for a key computed elsewhere (e.g. by another replica).
+    pub fn check_and_insert_key(&mut self, key: [u8; 32]) -> bool {
+        !self.seen.insert(key)
     }
 }
 
@@ -239,7 +248,9 @@ impl MinHashLsh {
         }
     }
 
-    fn signature(&self, text: &str) -> Vec<u64> {
+    /// The MinHash signature of `text`; it depends only on the configuration, so any replica
+    /// configured alike computes the same one.
+    pub fn signature(&self, text: &str) -> Vec<u64> {
         let words = word_hashes(text);
         let shingles: HashSet<u64> = if words.len() < self.shingle {
             std::iter::once(words.iter().fold(0, |h, &x| mix(h ^ x))).collect()
@@ -260,7 +271,11 @@ impl MinHashLsh {
 
     /// True when `text` is a near duplicate of an earlier text; remembers it otherwise.
     pub fn check_and_insert(&mut self, text: &str) -> bool {
-        let sig = self.signature(text);
+        self.check_and_insert_signature(self.signature(text))
+    }
+
+    /// [`Self::check_and_insert`] for a signature computed by [`Self::signature`].
+    pub fn check_and_insert_signature(&mut self, sig: Vec<u64>) -> bool {
         let band_keys: Vec<u64> = (0..self.bands)
             .map(|b| {
                 sig[b * self.rows..(b + 1) * self.rows]

@@ -126,6 +126,19 @@ impl Default for Stats {
     }
 }
 
+impl Stats {
+    /// Zero counts with a row for each of `formats`.
+    pub fn for_formats(formats: &[SampleSource]) -> Self {
+        let mut stats = Stats::default();
+        for f in formats {
+            stats
+                .formats
+                .insert(f.as_str().to_string(), FormatStats::default());
+        }
+        stats
+    }
+}
+
 struct Dedup {
     exact: ExactDedup,
     near: MinHashLsh,
@@ -139,6 +152,8 @@ pub struct Reconstructor {
     excluded: RepoExclusion,
     decontam: Decontaminator,
     dedup: BTreeMap<SampleSource, Dedup>,
+    /// Computes near-dedup signatures (configured like every format's index).
+    signer: MinHashLsh,
     pub stats: Stats,
 }
 
@@ -179,18 +194,19 @@ impl Reconstructor {
                 )
             })
             .collect();
-        let mut stats = Stats::default();
-        for f in &cfg.formats {
-            stats
-                .formats
-                .insert(f.as_str().to_string(), FormatStats::default());
-        }
+        let signer = MinHashLsh::new(
+            cfg.near_dup_threshold,
+            cfg.minhash_perms,
+            cfg.minhash_shingle,
+        );
+        let stats = Stats::for_formats(&cfg.formats);
         Ok(Self {
             cfg,
             count_tokens,
             excluded,
             decontam,
             dedup,
+            signer,
             stats,
         })
     }
@@ -256,10 +272,25 @@ impl Reconstructor {
     /// Renders and filters one PR whose reasoning text is already built.
     pub fn process(
         &mut self,
-        mut pr: PullRequest,
+        pr: PullRequest,
         enh: &Enhancement,
         prov: &Provenance,
     ) -> Vec<Sample> {
+        self.render(pr, enh, prov)
+            .into_iter()
+            .filter_map(|c| self.admit(c))
+            .collect()
+    }
+
+    /// The per-PR half of [`Self::process`]: selection, rendering, token cap and
+    /// decontamination. It reads no dedup state, so replicas may render PRs in any order; the
+    /// candidates then go through [`Self::admit`] in input order.
+    pub fn render(
+        &mut self,
+        mut pr: PullRequest,
+        enh: &Enhancement,
+        prov: &Provenance,
+    ) -> Vec<Candidate> {
         self.stats.prs_in += 1;
         scrub_authors(&mut pr);
         let scrubbed = Enhancement {
@@ -271,7 +302,7 @@ impl Reconstructor {
                 .collect(),
         };
         let enh = &scrubbed;
-        let near_key = near_dup_text(&pr);
+        let mut near: Option<Vec<u64>> = None;
         let mut out = Vec::new();
         for format in self.cfg.formats.clone() {
             if let Some(reason) = self.selection(&pr, format) {
@@ -304,25 +335,81 @@ impl Reconstructor {
                 self.drop(format, "contaminated");
                 continue;
             }
-            let d = self.dedup.get_mut(&format).expect("dedup per format");
-            if d.exact.check_and_insert(&text) {
-                self.drop(format, "duplicate");
-                continue;
-            }
-            if d.near.check_and_insert(&near_key) {
-                self.drop(format, "near_duplicate");
-                continue;
-            }
-            let fs = self
-                .stats
-                .formats
-                .entry(format.as_str().to_string())
-                .or_default();
-            fs.samples += 1;
-            fs.tokens += n_tokens as u64;
-            out.push(make_sample(&pr, format, text, n_tokens, prov));
+            let signature = near
+                .get_or_insert_with(|| self.signer.signature(&near_dup_text(&pr)))
+                .clone();
+            out.push(Candidate {
+                text_sha256: hex::encode(ExactDedup::key(&text)),
+                signature,
+                sample: make_sample(&pr, format, text, n_tokens, prov),
+            });
         }
         out
+    }
+
+    /// The order-dependent half of [`Self::process`]: exact and near dedup against every
+    /// candidate admitted before. Returns the sample when it is kept.
+    pub fn admit(&mut self, c: Candidate) -> Option<Sample> {
+        let format = c.sample.source;
+        let Some(d) = self.dedup.get_mut(&format) else {
+            self.drop(format, "unsupported_format");
+            return None;
+        };
+        let key = match hex::decode(&c.text_sha256)
+            .ok()
+            .and_then(|k| k.try_into().ok())
+        {
+            Some(k) => k,
+            None => ExactDedup::key(&c.sample.text),
+        };
+        if d.exact.check_and_insert_key(key) {
+            self.drop(format, "duplicate");
+            return None;
+        }
+        if d.near.check_and_insert_signature(c.signature) {
+            self.drop(format, "near_duplicate");
+            return None;
+        }
+        let fs = self
+            .stats
+            .formats
+            .entry(format.as_str().to_string())
+            .or_default();
+        fs.samples += 1;
+        fs.tokens += c.sample.metadata.n_tokens.unwrap_or(0);
+        Some(c.sample)
+    }
+}
+
+/// A rendered sample before dedup, with what dedup compares, so the order-dependent step can
+/// run apart from rendering (see [`Reconstructor::render`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub sample: Sample,
+    /// SHA-256 of the sample text (hex).
+    pub text_sha256: String,
+    /// MinHash signature of the PR's own material ([`near_dup_text`]).
+    pub signature: Vec<u64>,
+}
+
+impl Stats {
+    /// Adds `other`'s counts (stats of parts rendered apart) to these.
+    pub fn merge(&mut self, other: &Stats) {
+        self.prs_in += other.prs_in;
+        self.bad_records += other.bad_records;
+        for (f, o) in &other.formats {
+            let fs = self.formats.entry(f.clone()).or_default();
+            fs.samples += o.samples;
+            fs.tokens += o.tokens;
+            for (r, n) in &o.drops {
+                *fs.drops.entry(r.clone()).or_default() += n;
+            }
+        }
+        self.llm.requests += other.llm.requests;
+        self.llm.cache_hits += other.llm.cache_hits;
+        for (r, n) in &other.llm.fallbacks {
+            *self.llm.fallbacks.entry(r.clone()).or_default() += n;
+        }
     }
 }
 

@@ -1,24 +1,28 @@
 //! Wiring to gRPC, queues and storage: the `Reconstructor` gRPC service (Start / Get / Watch /
-//! Cancel over the runtime job registry) and the `prs` queue worker that announces sample
-//! shards on `samples`.
+//! Cancel over the runtime job registry) and the `prs` queue worker.
 //!
-//! Dedup indexes live in one process: a batch job dedups across all its inputs; queue workers
-//! dedup across the shards each of them handles (cross-worker dedup is left to a later pass).
+//! A job of a run on a service with a queue is shared by every replica ([`davinci_runtime::fanout`]):
+//! workers render PR shards into dedup candidates, and the job dedups them in input order, so
+//! the samples are those of a one-process job whichever replicas did the rendering.
 use crate::batch::{self, BlobCache};
 use crate::enhance::Enhancer;
 use crate::filters::BenchmarkFile;
+use crate::pipeline::{Candidate, Stats};
 use crate::pipeline::{ReconstructConfig, Reconstructor, TokenCounter};
 use davinci_core::sample::SampleSource;
 use davinci_proto::v1::reconstructor_server::Reconstructor as ReconstructorRpc;
 use davinci_proto::v1::{Job, JobRef, ProgressEvent, ReconstructSpec, StartReconstructRequest};
 use davinci_runtime::blob::{self, BlobStore, S3Config};
-use davinci_runtime::jobs::JobRegistry;
-use davinci_runtime::queue::{ClaimCheck, WorkQueue};
+use davinci_runtime::fanout::{self, Claimed, Item, WaitOptions, Work};
+use davinci_runtime::jobs::{JobHandle, JobRegistry};
+use davinci_runtime::queue::WorkQueue;
+use davinci_runtime::shard;
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 /// Builds a token counter from a tokenizer path (injected by the binary, which links the
@@ -151,6 +155,8 @@ pub struct ReconstructorService {
     pub base: ReconstructConfig,
     pub s3: S3Config,
     pub tokenizer: TokenizerLoader,
+    /// When set, jobs of a run are shared with every replica through the `prs` topic.
+    pub queue: Option<Arc<dyn WorkQueue>>,
 }
 
 impl std::fmt::Debug for ReconstructorService {
@@ -170,15 +176,7 @@ async fn run_job(
     handle: davinci_runtime::jobs::JobHandle,
 ) -> anyhow::Result<Vec<String>> {
     let output = blob::open(&spec.out, &s3).await?;
-    let mut inputs = Vec::new();
-    for uri in &spec.inputs {
-        let (root, key) = split_uri(uri);
-        let store = blob::open(&root, &s3).await?;
-        for k in batch::list_inputs(store.as_ref(), &key).await? {
-            inputs.push((store.clone(), k));
-        }
-    }
-    anyhow::ensure!(!inputs.is_empty(), "no PR shards at {:?}", spec.inputs);
+    let inputs = list_all_inputs(&spec, &s3).await?;
     let enhancer = make_enhancer(&cfg, output.clone())?;
     let mut recon = Reconstructor::new(cfg, counter)?;
     let done = Arc::new(AtomicU64::new(0));
@@ -204,18 +202,191 @@ async fn run_job(
             .await;
     }
     recon.stats.llm = enhancer.stats();
-    for (format, fs) in &recon.stats.formats {
+    commit_stats(output.as_ref(), &recon.stats, &handle, &mut written).await?;
+    Ok(written)
+}
+
+/// Every input shard of `spec`, with the store it is in, in a fixed order.
+async fn list_all_inputs(
+    spec: &ReconstructSpec,
+    s3: &S3Config,
+) -> anyhow::Result<Vec<(Arc<dyn BlobStore>, String)>> {
+    let mut inputs = Vec::new();
+    for uri in &spec.inputs {
+        let (root, key) = split_uri(uri);
+        let store = blob::open(&root, s3).await?;
+        for k in batch::list_inputs(store.as_ref(), &key).await? {
+            inputs.push((store.clone(), k));
+        }
+    }
+    anyhow::ensure!(!inputs.is_empty(), "no PR shards at {:?}", spec.inputs);
+    Ok(inputs)
+}
+
+/// Reports the counts on the job and writes `stats/reconstruct.json`, the commit point.
+async fn commit_stats(
+    output: &dyn BlobStore,
+    stats: &Stats,
+    handle: &JobHandle,
+    written: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    for (format, fs) in &stats.formats {
         handle.count(&format!("{format}.samples"), fs.samples).await;
         for (reason, n) in &fs.drops {
             handle.count(&format!("{format}.drop.{reason}"), *n).await;
         }
     }
-    let body = serde_json::to_vec_pretty(&recon.stats)?;
+    let body = serde_json::to_vec_pretty(stats)?;
     output
         .put("stats/reconstruct.json", bytes::Bytes::from(body))
         .await?;
     written.push(output.uri("stats/reconstruct.json"));
+    Ok(())
+}
+
+/// What workers need of a job's spec; stored in its work directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkSpec {
+    pub out: String,
+    pub formats: Vec<String>,
+    pub max_tokens: u32,
+    pub tokenizer: String,
+    pub llm_base_url: String,
+    pub llm_model: String,
+    pub near_dup_threshold: f64,
+    pub decontamination_files: Vec<String>,
+}
+
+impl WorkSpec {
+    fn of(spec: &ReconstructSpec) -> Self {
+        Self {
+            out: spec.out.clone(),
+            formats: spec.formats.clone(),
+            max_tokens: spec.max_tokens,
+            tokenizer: spec.tokenizer.clone(),
+            llm_base_url: spec.llm_base_url.clone(),
+            llm_model: spec.llm_model.clone(),
+            near_dup_threshold: spec.near_dup_threshold,
+            decontamination_files: spec.decontamination_files.clone(),
+        }
+    }
+
+    fn to_spec(&self) -> ReconstructSpec {
+        ReconstructSpec {
+            inputs: Vec::new(),
+            out: self.out.clone(),
+            formats: self.formats.clone(),
+            max_tokens: self.max_tokens,
+            tokenizer: self.tokenizer.clone(),
+            llm_base_url: self.llm_base_url.clone(),
+            llm_model: self.llm_model.clone(),
+            near_dup_threshold: self.near_dup_threshold,
+            decontamination_files: self.decontamination_files.clone(),
+        }
+    }
+}
+
+/// A rendered input: its render-time stats and where its candidates are.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartInfo {
+    pub stats: Stats,
+    /// Key of the candidates shard in the work directory.
+    pub candidates: String,
+    pub sha256: String,
+}
+
+/// A job shared by every replica: publishes the PR shards on `prs`, waits until each is
+/// rendered, then dedups the candidates in input order and writes the samples and stats.
+async fn run_fanned_out(
+    spec: ReconstructSpec,
+    cfg: ReconstructConfig,
+    s3: S3Config,
+    counter: TokenCounter,
+    queue: Arc<dyn WorkQueue>,
+    run_id: String,
+    handle: JobHandle,
+) -> anyhow::Result<Vec<String>> {
+    let output = blob::open(&spec.out, &s3).await?;
+    let inputs = list_all_inputs(&spec, &s3).await?;
+    let ws = WorkSpec::of(&spec);
+    let work = Work::open(&Work::dir_for(&spec.out, &run_id, "reconstruct", &ws), &s3).await?;
+    work.put_spec(&ws).await?;
+    let mut items = Vec::with_capacity(inputs.len());
+    for (store, key) in &inputs {
+        let data = store.get(key).await?;
+        // An unreadable shard still goes out: its worker fails it into the dead-letter stream.
+        let records = count_records(key, &data).unwrap_or(0);
+        items.push(Item::for_shard(
+            &run_id,
+            PRS_TOPIC,
+            &store.uri(key),
+            &data,
+            records,
+        ));
+    }
+    let total = items.len() as u64;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let h = handle.clone();
+    let reporter = tokio::spawn(async move {
+        while let Some(done) = rx.recv().await {
+            h.progress(done, 2 * total, "PR shards rendered").await;
+        }
+    });
+    let distributed = fanout::distribute(
+        queue.as_ref(),
+        PRS_TOPIC,
+        &work,
+        &items,
+        &handle.cancel_token(),
+        &WaitOptions::default(),
+        |done, _| {
+            let _ = tx.send(done);
+        },
+    )
+    .await;
+    drop(tx);
+    let _ = reporter.await;
+    distributed?;
+
+    let formats = cfg.formats.clone();
+    let mut recon = Reconstructor::new(cfg, counter)?;
+    let mut stats = Stats::for_formats(&formats);
+    let mut written = Vec::new();
+    for (i, ((_, key), item)) in inputs.iter().zip(&items).enumerate() {
+        let part: PartInfo = work
+            .part(&item.part)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("part {} of {key} vanished", item.part))?;
+        stats.merge(&part.stats);
+        let data = work.store.get(&part.candidates).await?;
+        let candidates: Vec<Candidate> = shard::decode_verified(&data, &part.sha256)
+            .map_err(|e| anyhow::anyhow!("{}/{}: {e}", work.uri, part.candidates))?;
+        let by_format = batch::admit_all(&mut recon, candidates);
+        for (_, k, _) in batch::write_samples(output.as_ref(), "", key, by_format).await? {
+            written.push(output.uri(&k));
+        }
+        handle
+            .progress(total + i as u64 + 1, 2 * total, "deduplicated")
+            .await;
+    }
+    stats.merge(&recon.stats);
+    commit_stats(output.as_ref(), &stats, &handle, &mut written).await?;
     Ok(written)
+}
+
+/// Records in a PR shard (non-blank lines), for its claim check.
+fn count_records(key: &str, data: &[u8]) -> anyhow::Result<u64> {
+    let text = if key.ends_with(".zst") {
+        std::borrow::Cow::Owned(
+            zstd::stream::decode_all(data).map_err(|e| anyhow::anyhow!("{key}: {e}"))?,
+        )
+    } else {
+        std::borrow::Cow::Borrowed(data)
+    };
+    Ok(text
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .count() as u64)
 }
 
 fn job_id(r: Request<JobRef>) -> Result<String, Status> {
@@ -245,20 +416,22 @@ impl ReconstructorRpc for ReconstructorService {
         let cfg = config_from_spec(&self.base, &spec)?;
         let counter = (self.tokenizer)(Some(spec.tokenizer.as_str()).filter(|t| !t.is_empty()))
             .map_err(|e| Status::invalid_argument(format!("spec.tokenizer: {e:#}")))?;
-        let spec_json = serde_json::json!({
-            "inputs": spec.inputs, "out": spec.out, "formats": spec.formats,
-            "max_tokens": spec.max_tokens, "tokenizer": spec.tokenizer,
-            "llm_base_url": spec.llm_base_url, "llm_model": spec.llm_model,
-            "near_dup_threshold": spec.near_dup_threshold,
-            "decontamination_files": spec.decontamination_files,
-        })
-        .to_string();
+        let spec_json =
+            serde_json::json!({ "inputs": spec.inputs, "work": WorkSpec::of(&spec) }).to_string();
         let s3 = self.s3.clone();
+        let fan_out = self.queue.clone().filter(|_| !req.run_id.is_empty());
+        let run_id = req.run_id.clone();
         let job = self
             .jobs
-            .spawn("reconstruct", &req.run_id, spec_json, move |handle| {
-                Box::pin(run_job(spec, cfg, s3, counter, handle))
-            })
+            .spawn(
+                "reconstruct",
+                &req.run_id,
+                spec_json,
+                move |handle| match fan_out {
+                    Some(q) => Box::pin(run_fanned_out(spec, cfg, s3, counter, q, run_id, handle)),
+                    None => Box::pin(run_job(spec, cfg, s3, counter, handle)),
+                },
+            )
             .await?;
         Ok(Response::new(job))
     }
@@ -283,84 +456,72 @@ impl ReconstructorRpc for ReconstructorService {
     }
 }
 
-/// Queue topics.
+/// The topic PR shards of a shared job travel on.
 pub const PRS_TOPIC: &str = "prs";
-pub const SAMPLES_TOPIC: &str = "samples";
 
-/// The key of `uri` inside `store`, when the store holds it.
-fn key_in_store(store: &dyn BlobStore, uri: &str) -> Option<String> {
-    let root = store.uri("");
-    let root = root.trim_end_matches('/');
-    uri.strip_prefix(root)
-        .map(|k| k.trim_start_matches('/').to_string())
-        .filter(|k| !k.is_empty())
-}
-
-/// Handles one `prs` claim check: renders the shard, writes
-/// `runs/{run}/samples/{format}/{shard}.jsonl.zst`, announces each on `samples`.
-pub async fn handle_claim(
-    store: &Arc<dyn BlobStore>,
-    queue: &dyn WorkQueue,
-    recon: &mut Reconstructor,
-    enhancer: Arc<Enhancer>,
-    claim: &ClaimCheck,
-) -> anyhow::Result<usize> {
-    let key = key_in_store(store.as_ref(), &claim.uri)
-        .ok_or_else(|| anyhow::anyhow!("claim check uri `{}` is outside the store", claim.uri))?;
-    let data = store.get(&key).await?;
-    davinci_runtime::shard::decode_verified::<serde_json::Value>(&data, &claim.sha256)
-        .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-    let by_format = batch::process_shard(&key, &data, recon, enhancer, 16, || {}).await?;
-    let prefix = format!("runs/{}", claim.run_id);
-    let written = batch::write_samples(store.as_ref(), &prefix, &key, by_format).await?;
-    for (_, k, enc) in &written {
-        let out = ClaimCheck {
-            run_id: claim.run_id.clone(),
-            topic: SAMPLES_TOPIC.into(),
-            uri: store.uri(k),
-            sha256: enc.sha256.clone(),
-            records: enc.records as u64,
-            traceparent: claim.traceparent.clone(),
-        };
-        queue.publish(SAMPLES_TOPIC, &out.to_payload()).await?;
-    }
-    Ok(written.len())
-}
-
-/// Consumes `prs` until `shutdown` fires. A failed item is nacked with its error (the queue
-/// retries it and dead-letters it after the last attempt); the worker keeps going.
-pub async fn worker(
-    store: Arc<dyn BlobStore>,
-    queue: Arc<dyn WorkQueue>,
+/// What a worker keeps per job: loading exclusion lists, benchmarks and the tokenizer is costly.
+struct Loaded {
     cfg: ReconstructConfig,
-    counter: TokenCounter,
+    recon: Reconstructor,
+    output: Arc<dyn BlobStore>,
+}
+
+/// Renders one claimed PR shard into candidates and commits its part.
+async fn render_part(
+    c: Claimed,
+    jobs: &mut HashMap<String, Loaded>,
+    base: &ReconstructConfig,
+    tokenizer: &TokenizerLoader,
+    s3: &S3Config,
+) -> anyhow::Result<()> {
+    if !jobs.contains_key(&c.work.uri) {
+        let ws: WorkSpec = c.work.spec().await?;
+        let spec = ws.to_spec();
+        let cfg = config_from_spec(base, &spec).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        let counter = tokenizer(Some(spec.tokenizer.as_str()).filter(|t| !t.is_empty()))?;
+        let recon = Reconstructor::new(cfg.clone(), counter)?;
+        let output = blob::open(&spec.out, s3).await?;
+        if jobs.len() >= 4 {
+            jobs.clear();
+        }
+        jobs.insert(c.work.uri.clone(), Loaded { cfg, recon, output });
+    }
+    let job = jobs.get_mut(&c.work.uri).expect("loaded above");
+    job.recon.stats = Stats::for_formats(&job.cfg.formats);
+    let enhancer = make_enhancer(&job.cfg, job.output.clone())?;
+    let (name, data) = fanout::read_input(&c.claim, s3).await?;
+    let candidates =
+        batch::render_shard(&name, &data, &mut job.recon, enhancer.clone(), 16, || {}).await?;
+    job.recon.stats.llm = enhancer.stats();
+    let enc = shard::encode_shard(&candidates)?;
+    let key = format!("candidates/{}.jsonl.zst", c.part);
+    c.work.store.put(&key, enc.data).await?;
+    let part = PartInfo {
+        stats: job.recon.stats.clone(),
+        candidates: key,
+        sha256: enc.sha256,
+    };
+    c.work.commit_part(&c.part, &part).await?;
+    tracing::info!(input = %c.claim.uri, candidates = enc.records, "PR shard rendered");
+    Ok(())
+}
+
+/// Takes `prs` claims of shared jobs until `shutdown`: each PR shard is rendered into dedup
+/// candidates under the job's work directory. Failures are retried, then dead-lettered, by the
+/// queue; the job sees them there.
+pub async fn worker(
+    queue: Arc<dyn WorkQueue>,
+    base: ReconstructConfig,
+    tokenizer: TokenizerLoader,
     consumer: String,
+    s3: S3Config,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let enhancer = make_enhancer(&cfg, store.clone())?;
-    let mut recon = Reconstructor::new(cfg, counter)?;
-    while !shutdown.is_cancelled() {
-        let delivery = tokio::select! {
-            d = queue.receive(PRS_TOPIC, &consumer, Duration::from_secs(5)) => d?,
-            _ = shutdown.cancelled() => break,
-        };
-        let Some(d) = delivery else { continue };
-        let result = match ClaimCheck::from_payload(&d.payload) {
-            Ok(claim) => {
-                handle_claim(&store, queue.as_ref(), &mut recon, enhancer.clone(), &claim).await
-            }
-            Err(e) => Err(anyhow::anyhow!("bad claim check: {e}")),
-        };
-        match result {
-            Ok(n) => {
-                tracing::info!(id = %d.id, shards = n, "prs shard reconstructed");
-                queue.ack(&d).await?;
-            }
-            Err(e) => {
-                tracing::warn!(id = %d.id, attempt = d.attempt, error = %format!("{e:#}"), "prs shard failed");
-                queue.nack(&d, &format!("{e:#}"), None).await?;
-            }
-        }
-    }
+    let jobs = tokio::sync::Mutex::new(HashMap::new());
+    fanout::serve_topic(queue, PRS_TOPIC, &consumer, s3.clone(), shutdown, |c| {
+        let (jobs, base, tokenizer, s3) = (&jobs, &base, &tokenizer, &s3);
+        async move { render_part(c, &mut *jobs.lock().await, base, tokenizer, s3).await }
+    })
+    .await?;
     Ok(())
 }
