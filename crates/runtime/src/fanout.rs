@@ -166,6 +166,9 @@ pub struct WaitOptions {
     pub poll: Duration,
     /// How often the dead-letter stream is checked for this job's inputs.
     pub dlq_every: Duration,
+    /// A dead-lettered input fails the job (true), or is reported and the job goes on (false:
+    /// for stages where one bad input, like one unreachable repository, must not stop the rest).
+    pub fail_on_dead_letter: bool,
 }
 
 impl Default for WaitOptions {
@@ -173,13 +176,23 @@ impl Default for WaitOptions {
         Self {
             poll: Duration::from_millis(250),
             dlq_every: Duration::from_secs(2),
+            fail_on_dead_letter: true,
         }
     }
 }
 
-/// Publishes the inputs not yet committed and waits until every input is. `progress` sees
-/// (committed, total) whenever that changes. Fails when an input is dead-lettered or the job is
-/// cancelled.
+/// An input that used up its attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    pub uri: String,
+    pub part: String,
+    pub attempts: u32,
+    pub error: String,
+}
+
+/// Publishes the inputs not yet committed and waits until every input is committed (or, with
+/// `fail_on_dead_letter` off, dead-lettered: those come back). `progress` sees (finished, total)
+/// whenever that changes. Fails when the job is cancelled.
 pub async fn distribute(
     queue: &dyn WorkQueue,
     topic: &str,
@@ -188,8 +201,9 @@ pub async fn distribute(
     cancel: &CancellationToken,
     opts: &WaitOptions,
     mut progress: impl FnMut(u64, u64) + Send,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<Failed>> {
     let total = items.len() as u64;
+    let mut failed: Vec<Failed> = Vec::new();
     let committed = work.committed().await?;
     for it in items.iter().filter(|it| !committed.contains(&it.part)) {
         let mut claim = it.claim.clone();
@@ -202,16 +216,18 @@ pub async fn distribute(
     let mut dlq_checked = Instant::now();
     loop {
         let committed = work.committed().await?;
+        failed.retain(|f| !committed.contains(&f.part));
         let done = items
             .iter()
             .filter(|it| committed.contains(&it.part))
-            .count() as u64;
+            .count() as u64
+            + failed.len() as u64;
         if done != last {
             progress(done, total);
             last = done;
         }
         if done == total {
-            return Ok(());
+            return Ok(failed);
         }
         if dlq_checked.elapsed() >= opts.dlq_every {
             dlq_checked = Instant::now();
@@ -222,13 +238,21 @@ pub async fn distribute(
                 if c.work.as_deref() == Some(work.uri.as_str())
                     && let Some(p) = &c.part
                     && !committed.contains(p)
+                    && !failed.iter().any(|f| &f.part == p)
                 {
-                    anyhow::bail!(
+                    anyhow::ensure!(
+                        !opts.fail_on_dead_letter,
                         "input {} failed {} times (dead-lettered on `{topic}:dlq`): {}",
                         c.uri,
                         d.attempts,
                         d.error
                     );
+                    failed.push(Failed {
+                        uri: c.uri.clone(),
+                        part: p.clone(),
+                        attempts: d.attempts,
+                        error: d.error.clone(),
+                    });
                 }
             }
         }

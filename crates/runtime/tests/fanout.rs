@@ -32,6 +32,7 @@ fn opts() -> WaitOptions {
     WaitOptions {
         poll: Duration::from_millis(20),
         dlq_every: Duration::from_millis(50),
+        fail_on_dead_letter: true,
     }
 }
 
@@ -184,6 +185,32 @@ async fn a_dead_lettered_input_fails_the_job_with_its_error() {
     assert!(err.contains("shard-13.jsonl"), "{err}");
     assert!(err.contains("thirteen is refused"), "{err}");
     assert!(err.contains("2 times"), "{err}");
+
+    // Tolerating failures, the job finishes the other inputs and reports the failed one.
+    let work2 = Work::open(
+        &Work::dir_uri(&root, "r1", "sum", &"again"),
+        &S3Config::default(),
+    )
+    .await
+    .unwrap();
+    let failed = fanout::distribute(
+        queue.as_ref(),
+        TOPIC,
+        &work2,
+        &items,
+        &CancellationToken::new(),
+        &WaitOptions {
+            fail_on_dead_letter: false,
+            ..opts()
+        },
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].uri.ends_with("shard-13.jsonl"));
+    assert!(failed[0].error.contains("thirteen is refused"));
+    assert_eq!(work2.committed().await.unwrap().len(), 14);
     stop.cancel();
 }
 
