@@ -7,7 +7,10 @@
 //! does), the normalizer (NFC with the same Unicode tables), the pre-tokenizer (a hand-written
 //! scanner for the Qwen2 pattern, fancy-regex for other patterns), and BPE merges with the
 //! reference's tie-breaking. Anything the fast path does not cover uses the reference.
+//!
+//! A tokenizer is named by a path or a Hugging Face Hub model id ([`Tokenizer::load`]).
 pub mod chat;
+pub mod hub;
 pub mod pretok;
 
 mod bpe;
@@ -30,6 +33,12 @@ pub enum TokenizeError {
     },
     #[error("loading tokenizer.json: {0}")]
     Load(String),
+    #[error("`{name}` is no local file; as a Hugging Face model id: {source}")]
+    Hub {
+        name: String,
+        #[source]
+        source: hub::HubError,
+    },
     #[error("encoding text: {0}")]
     Encode(String),
     #[error("decoding ids: {0}")]
@@ -109,7 +118,30 @@ thread_local! {
         std::cell::RefCell::new((0, EncodeCache::new()));
 }
 
+/// The local `tokenizer.json` that `name` stands for: an existing path (`file://` allowed), else
+/// a Hub model id (`org/name[@revision]`) through the Hugging Face cache, downloading into it
+/// when online. Anything else is returned as the path it names (and fails to read).
+pub fn locate(name: &str) -> Result<std::path::PathBuf> {
+    let path = Path::new(name.strip_prefix("file://").unwrap_or(name));
+    match hub::HubRepo::parse(name) {
+        Some(repo) if !path.exists() => {
+            hub::Hub::from_env()
+                .fetch(&repo)
+                .map_err(|source| TokenizeError::Hub {
+                    name: name.to_string(),
+                    source,
+                })
+        }
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
 impl Tokenizer {
+    /// Loads the tokenizer `name` stands for (a path or a Hub model id, see [`locate`]).
+    pub fn load(name: &str) -> Result<Self> {
+        Self::from_file(locate(name)?)
+    }
+
     /// Loads a `tokenizer.json` from a local path.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
