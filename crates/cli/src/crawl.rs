@@ -1,9 +1,10 @@
 //! `davinci crawl`: git repositories (and optionally the GitHub API) → `davinci.pr/v1` shards.
 use anyhow::Context;
 use davinci_crawler::budget::{MemoryBudget, RedisBudget, TokenBudget};
-use davinci_crawler::gharchive;
 use davinci_crawler::github::{Discovery, GithubClient, GithubConfig};
+use davinci_crawler::httpcache::{BlobCache, RedisCache, ResponseCache};
 use davinci_crawler::pipeline::{self, CrawlConfig, Event, RepoSpec, Sinks};
+use davinci_crawler::sources::{self, Inputs};
 use davinci_crawler::{SWE_BENCH_VERIFIED_REPOS, Subset};
 use davinci_runtime::blob::{self, S3Config};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -21,16 +22,22 @@ use std::sync::{Arc, Mutex};
 /// `runs/{run}/stats/crawl.json`. Re-running the same command resumes where it stopped.
 ///
 /// With `--github`, each PR is completed from the GitHub API (tokens from `GITHUB_TOKENS`,
-/// comma-separated, or `GITHUB_TOKEN`); code content always comes from git.
+/// comma-separated, or `GITHUB_TOKEN`); code content always comes from git, and the API's
+/// commit and file lists are held against it (mismatches counted under `api_check` in the
+/// stats and listed in each record's `extra.api_check`). ETags and response bodies are kept in
+/// Redis with `--redis-url`, else under `cache/github/` in `--out`, so later crawls and other
+/// replicas get `304`s, which do not count against the rate limit.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Local repository path or clone URL; repeat for several.
     #[arg(long = "repo", value_name = "PATH|URL")]
     pub repos: Vec<String>,
-    /// GH Archive hourly files (`.json.gz` or `.json`): their closed+merged PRs are crawled
-    /// from clones of `--github-web-url/{owner}/{name}.git`.
-    #[arg(long, value_name = "FILE")]
-    pub gharchive: Vec<PathBuf>,
+    /// GH Archive hourly file (`.json.gz` or `.json`; a path, `file://` or `s3://` URI;
+    /// repeatable): its closed+merged PRs are crawled from clones of
+    /// `--github-web-url/{owner}/{name}.git`. With --github, trimmed events are settled by the
+    /// API first, and PRs no commit message names are found by their merge commit.
+    #[arg(long, value_name = "FILE|URI")]
+    pub gharchive: Vec<String>,
     /// Where GH Archive repositories are cloned from.
     #[arg(long, default_value = "https://github.com")]
     pub github_web_url: String,
@@ -53,9 +60,10 @@ pub struct Args {
     /// and crawl blobless clones of them from `--github-web-url`.
     #[arg(long)]
     pub discover: bool,
-    /// With --discover: only repositories in this language (e.g. Python).
-    #[arg(long, requires = "discover")]
-    pub language: Option<String>,
+    /// With --discover: only repositories in this language (e.g. Python; repeatable: any of
+    /// them).
+    #[arg(long = "language", value_name = "NAME", requires = "discover")]
+    pub languages: Vec<String>,
     /// With --discover: at least this many stars.
     #[arg(long, default_value_t = 5, requires = "discover")]
     pub min_stars: u64,
@@ -72,7 +80,8 @@ pub struct Args {
         env = "DAVINCI_GITHUB_API_URL"
     )]
     pub github_api_url: String,
-    /// Redis URL for token budgets shared by every crawler replica (default: per process).
+    /// Redis URL for token budgets and the ETag cache shared by every crawler replica
+    /// (default: budgets per process, ETags under `cache/github/` in --out).
     #[arg(long, env = "DAVINCI_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Requests each GitHub token may make per hour.
@@ -142,82 +151,54 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(d) = &args.cache_dir {
         cfg.cache_dir = d.clone();
     }
-    let mut specs: Vec<RepoSpec> = args
-        .repos
-        .iter()
-        .map(|r| RepoSpec {
-            source: r.clone(),
-            name: args.repo_name.clone(),
-            only: None,
-        })
-        .collect();
+    cfg.web_url = args.github_web_url.clone();
+    let inputs = Inputs {
+        repos: args
+            .repos
+            .iter()
+            .map(|r| RepoSpec {
+                source: r.clone(),
+                name: args.repo_name.clone(),
+                only: None,
+            })
+            .collect(),
+        gharchive: args.gharchive.clone(),
+        discovery: args.discover.then(|| Discovery {
+            languages: args.languages.clone(),
+            min_stars: args.min_stars,
+            license_allow: args.licenses.clone(),
+            top_n: args.top_n,
+        }),
+    };
+    if inputs.is_empty() {
+        anyhow::bail!("nothing to crawl: give --repo, --gharchive or --discover");
+    }
 
     let mut sinks = Sinks::new(store.clone());
     let mut github = None;
     if args.github || args.discover {
-        let budget: Arc<dyn TokenBudget> = match &args.redis_url {
-            Some(url) => Arc::new(RedisBudget::connect(url, "davinci:github:budget").await?),
-            None => Arc::new(MemoryBudget::default()),
+        let (budget, cache): (Arc<dyn TokenBudget>, Arc<dyn ResponseCache>) = match &args.redis_url
+        {
+            Some(url) => (
+                Arc::new(RedisBudget::connect(url, "davinci:github:budget").await?),
+                Arc::new(RedisCache::connect(url, "davinci:github:etag", 7 * 86_400).await?),
+            ),
+            None => (
+                Arc::new(MemoryBudget::default()),
+                Arc::new(BlobCache::new(store.clone())),
+            ),
         };
         let gh_cfg = GithubConfig {
             api_url: args.github_api_url.clone(),
             budget_per_window: args.github_budget,
             ..Default::default()
         };
-        github = Some(Arc::new(GithubClient::new(
-            gh_cfg,
-            GithubClient::tokens_from_env(),
-            budget,
-        )?));
+        github = Some(Arc::new(
+            GithubClient::new(gh_cfg, GithubClient::tokens_from_env(), budget)?.with_cache(cache),
+        ));
     }
     if args.github {
         sinks.github = github.clone();
-    }
-    if let Some(gh) = github.as_ref().filter(|_| args.discover) {
-        let found = gh
-            .discover(&Discovery {
-                language: args.language.clone(),
-                min_stars: args.min_stars,
-                license_allow: args.licenses.clone(),
-                top_n: args.top_n,
-            })
-            .await
-            .context("repository discovery through the GitHub search API")?;
-        println!("discovered {} repositories", found.len());
-        let base = args.github_web_url.trim_end_matches('/');
-        for r in found {
-            specs.push(RepoSpec {
-                source: format!("{base}/{}.git", r.full_name),
-                name: Some(r.full_name),
-                only: None,
-            });
-        }
-    }
-
-    // GH Archive: closed+merged PullRequestEvents name the repositories and PR numbers; the
-    // repositories are cloned from GitHub (blobless) and git says which PRs really merged
-    for path in &args.gharchive {
-        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let (cands, counts) =
-            gharchive::read_hour(f).with_context(|| format!("reading {}", path.display()))?;
-        println!(
-            "{}: {} PR events, {} candidate merged PRs, drops {:?}",
-            path.display(),
-            counts.input,
-            counts.out,
-            counts.drops
-        );
-        for (repo, numbers) in gharchive::by_repo(&cands) {
-            let base = args.github_web_url.trim_end_matches('/');
-            specs.push(RepoSpec {
-                source: format!("{base}/{repo}.git"),
-                name: Some(repo),
-                only: Some(numbers.into_iter().collect()),
-            });
-        }
-    }
-    if specs.is_empty() {
-        anyhow::bail!("nothing to crawl: give --repo, --gharchive or --discover");
     }
 
     // progress: one bar per repository under a total line
@@ -261,6 +242,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Event::RepoFailed { source, error } => {
             let _ = multi2.println(format!("{source}: failed: {error}"));
         }
+        Event::ArchiveRead { source, counts } => println!(
+            "{source}: {} PR events, {} candidate merged PRs, drops {:?}",
+            counts.input, counts.out, counts.drops
+        ),
+        Event::Discovered { repos } => println!("discovered {} repositories", repos.len()),
     }));
 
     // Ctrl-C stops at the next PR; the checkpoints make the next run resume there.
@@ -272,7 +258,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let started = std::time::Instant::now();
-    let stats = pipeline::crawl_git(&cfg, &specs, &sinks).await?;
+    let stats = sources::crawl(
+        &cfg,
+        &inputs,
+        github.as_deref(),
+        &S3Config::default(),
+        &sinks,
+    )
+    .await?;
     shards_bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
 
@@ -283,7 +276,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "  repositories: {} ({} failed)",
-        specs.len(),
+        stats.repos.len() + stats.failed_repos.len(),
         stats.failed_repos.len()
     );
     println!("  PRs found:    {}", stats.totals.input);
@@ -297,14 +290,50 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "  time:         {secs:.1}s ({:.1} PRs/s)",
         stats.totals.input as f64 / secs.max(1e-9)
     );
-    if let Some(gh) = &sinks.github {
+    if sinks.github.is_some() {
+        let a = &stats.api_check;
+        println!(
+            "  API check:    {} PRs checked, {} disagree with git",
+            a.prs_checked, a.prs_mismatched
+        );
+        println!(
+            "    commits not in git {}, not in API {}; files not in git {}, not in API {}",
+            a.commits_not_in_git, a.commits_not_in_api, a.files_not_in_git, a.files_not_in_api
+        );
+        println!(
+            "    filled from API: {} renames, {} commit accounts; {} PRs located by merge commit",
+            a.renames_from_api, a.commit_accounts, a.located_by_api
+        );
+    }
+    if let Some(gh) = &github {
         println!("  GitHub:       {:?}", gh.stats.snapshot());
     }
     for (src, err) in &stats.failed_repos {
         eprintln!("  failed: {src}: {err}");
     }
-    if !stats.failed_repos.is_empty() && stats.failed_repos.len() == specs.len() {
+    if !stats.failed_repos.is_empty() && stats.repos.is_empty() {
         anyhow::bail!("every repository failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+
+    #[test]
+    fn every_flag_is_documented() {
+        let cmd = <Args as clap::Args>::augment_args(clap::Command::new("crawl"));
+        for arg in cmd.get_arguments() {
+            let help = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(|h| h.to_string());
+            assert!(
+                help.is_some_and(|h| h.trim().len() > 10),
+                "--{} has no help text",
+                arg.get_id()
+            );
+        }
+    }
 }

@@ -87,6 +87,10 @@ pub struct Commit {
     pub message: String,
     #[serde(default)]
     pub author: Option<String>,
+    /// The author's GitHub account (login, User|Bot) when the API names it; git knows only
+    /// name and email.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<Author>,
     #[serde(default)]
     pub files: Vec<FileChange>,
 }

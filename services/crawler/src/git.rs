@@ -10,11 +10,15 @@
 //! * squash (or single-commit rebase) merges whose subject ends in `(#N)`: one commit, its
 //!   parent is the base.
 //!
+//! PRs no message names (rebase merges, edited squash subjects) are found from the API's merge
+//! commit instead ([`GitSource::candidate_from_api`]).
+//!
 //! Cloning URLs is the one thing done by shelling out to `git`: the gix build in this workspace
 //! has no network transport, and gix cannot lazily fetch the blobs a blobless clone lacks.
 //! [`prepare`] makes a bare `git clone --filter=blob:none` and [`GitSource`] fetches the blobs it
 //! needs with batched `git fetch --stdin` calls (per commit for rename detection, per PR for
 //! diffs and base files), the same request git itself makes for missing promisor objects.
+use crate::github::ApiPull;
 use anyhow::{Context, Result, anyhow, bail};
 use davinci_core::pr::{
     Author, AuthorType, BaseFile, Commit, FileChange, FileStatus, GitRef, PR_SCHEMA, PrSource,
@@ -52,6 +56,8 @@ impl Default for GitOptions {
 pub enum MergeStyle {
     Merge,
     Squash,
+    /// The PR's commits replayed one by one onto the base (known only from the API).
+    Rebase,
 }
 
 /// A merged PR found in history, before its commits are read.
@@ -61,15 +67,18 @@ pub struct Candidate {
     pub style: MergeStyle,
     /// The commit that landed the PR (merge commit or squash commit).
     pub merge_commit: ObjectId,
-    /// First parent of `merge_commit`: the base branch when the PR landed.
+    /// First parent of `merge_commit`: the base branch when the PR landed (for a rebase merge,
+    /// the commit below the rebased ones).
     pub base_tip: Option<ObjectId>,
-    /// Last commit of the PR (second parent of a merge; the squash commit itself).
+    /// Last commit of the PR (second parent of a merge; the squash or last rebased commit).
     pub head: ObjectId,
     /// `owner/branch` from a merge subject.
     pub head_ref: Option<String>,
     pub title: String,
     pub body: String,
     pub merged_at_secs: i64,
+    /// Found through the API's merge commit, not a commit message.
+    pub located_by_api: bool,
 }
 
 /// Why a candidate was not turned into a record.
@@ -281,6 +290,7 @@ impl GitSource {
                     title,
                     body: body.trim_matches('\n').to_string(),
                     merged_at_secs,
+                    located_by_api: false,
                 }
             } else if let (Some(m), 2) = (SQUASH_RE.captures(subject), parents.len()) {
                 // GitHub merge commit whose message is set to the PR title (a repository
@@ -299,6 +309,7 @@ impl GitSource {
                     title: m[1].to_string(),
                     body: rest.trim_matches('\n').to_string(),
                     merged_at_secs,
+                    located_by_api: false,
                 }
             } else if let (Some(m), true) = (SQUASH_RE.captures(subject), parents.len() <= 1) {
                 let number: u64 = match m[2].parse() {
@@ -315,6 +326,7 @@ impl GitSource {
                     title: m[1].to_string(),
                     body: rest.trim_matches('\n').to_string(),
                     merged_at_secs,
+                    located_by_api: false,
                 }
             } else {
                 continue;
@@ -333,12 +345,89 @@ impl GitSource {
         Ok((by_number.into_values().collect(), dups))
     }
 
+    /// A candidate for a PR the API says was merged but no commit message names, found by its
+    /// merge commit: two parents make a merge; one parent with the PR's commit subjects on the
+    /// first-parent chain below it (newest last) makes a rebase merge of those commits; any
+    /// other single-parent commit a squash. `None` when this clone lacks the merge commit.
+    pub fn candidate_from_api(&self, p: &ApiPull) -> Result<Option<Candidate>> {
+        let Ok(merge) = ObjectId::from_hex(p.merge_commit_sha.as_bytes()) else {
+            return Ok(None);
+        };
+        let Ok(commit) = self.repo.find_commit(merge) else {
+            return Ok(None);
+        };
+        let parents: Vec<ObjectId> = commit.parent_ids().map(|x| x.detach()).collect();
+        let merged_at_secs = chrono::DateTime::parse_from_rfc3339(&p.merged_at)
+            .map(|t| t.timestamp())
+            .or_else(|_| commit.time().map(|t| t.seconds))
+            .unwrap_or(0);
+        let (style, base_tip, head) = match parents.as_slice() {
+            [first, second] => (MergeStyle::Merge, Some(*first), *second),
+            [_] | [] => {
+                let n = p.commit_subjects.len();
+                let below = if n > 1 {
+                    self.first_parent_subjects(merge, n)?
+                } else {
+                    None
+                };
+                match below {
+                    Some((subjects, base)) if subjects == p.commit_subjects => {
+                        (MergeStyle::Rebase, base, merge)
+                    }
+                    _ => (MergeStyle::Squash, parents.first().copied(), merge),
+                }
+            }
+            _ => return Ok(None), // octopus merges are not GitHub's
+        };
+        Ok(Some(Candidate {
+            number: p.number,
+            style,
+            merge_commit: merge,
+            base_tip,
+            head,
+            head_ref: p.head_ref.clone(),
+            title: p.title.clone(),
+            body: p.body.clone(),
+            merged_at_secs,
+            located_by_api: true,
+        }))
+    }
+
+    /// Subjects of the `n` first-parent commits ending at `tip`, oldest first, and the commit
+    /// below them; `None` when history is shorter or one of them is a merge.
+    fn first_parent_subjects(
+        &self,
+        tip: ObjectId,
+        n: usize,
+    ) -> Result<Option<(Vec<String>, Option<ObjectId>)>> {
+        let mut subjects = Vec::with_capacity(n);
+        let mut cur = Some(tip);
+        for _ in 0..n {
+            let Some(id) = cur else { return Ok(None) };
+            let c = self
+                .repo
+                .find_commit(id)
+                .map_err(|e| anyhow!("reading commit {id}: {e}"))?;
+            let parents: Vec<ObjectId> = c.parent_ids().map(|x| x.detach()).collect();
+            if parents.len() > 1 {
+                return Ok(None);
+            }
+            let msg = c.message_raw_sloppy().to_str_lossy().into_owned();
+            subjects.push(split_subject(&msg).0.to_string());
+            cur = parents.first().copied();
+        }
+        subjects.reverse();
+        Ok(Some((subjects, cur)))
+    }
+
     /// Reads one candidate's commits, diffs and base files into a `davinci.pr/v1` record.
     pub fn extract(&mut self, cand: &Candidate) -> Result<Extracted> {
         let (chain, base) = match cand.style {
             MergeStyle::Squash => (vec![cand.merge_commit], cand.base_tip),
-            MergeStyle::Merge => {
-                let base_tip = cand.base_tip.expect("merge candidates have two parents");
+            MergeStyle::Merge | MergeStyle::Rebase => {
+                let Some(base_tip) = cand.base_tip else {
+                    return Ok(Extracted::Dropped("empty"));
+                };
                 match self.pr_chain(cand.head, base_tip)? {
                     Some(x) => x,
                     None => return Ok(Extracted::Dropped("too_many_commits")),
@@ -430,6 +519,7 @@ impl GitSource {
                 sha: id.to_string(),
                 message: msg.clone(),
                 author: Some(author_s.clone()),
+                account: None,
                 files,
             });
         }
@@ -455,6 +545,9 @@ impl GitSource {
         extra.insert("merge_style".into(), serde_json::to_value(cand.style)?);
         if let Some(t) = cand.base_tip {
             extra.insert("base_tip".into(), t.to_string().into());
+        }
+        if cand.located_by_api {
+            extra.insert("located_by".into(), "github-api".into());
         }
         let pr = PullRequest {
             schema: PR_SCHEMA.into(),

@@ -5,7 +5,8 @@
 //! Politeness rules, in the order a request meets them:
 //! 1. a token is picked from the pool only when the shared [`TokenBudget`] grants it a unit for
 //!    the current window (else the next token; when all are spent, wait for the earliest reset);
-//! 2. a cached ETag is sent as `If-None-Match`; a `304` reuses the cached body;
+//! 2. a cached ETag is sent as `If-None-Match`; a `304` reuses the cached body (the cache may be
+//!    shared by replicas: [`crate::httpcache`]);
 //! 3. every response's `x-ratelimit-remaining`/`x-ratelimit-reset` lowers the shared budget;
 //! 4. `403`/`429` with `retry-after` (secondary limit) waits that long; with
 //!    `x-ratelimit-remaining: 0` (primary limit) the token is spent until its reset;
@@ -13,15 +14,16 @@
 //!    secondary limit and retried after a back-off;
 //! 6. `5xx` and transport errors are retried with exponential back-off.
 use crate::budget::{Acquire, TokenBudget};
+use crate::httpcache::{Cached, MemoryCache, ResponseCache};
 use anyhow::{Context, Result, anyhow, bail};
 use davinci_core::pr::{
     Author, AuthorType, Comment, LinkedIssue, PullRequest, RepoMeta, Review, ReviewComment,
 };
 use regex::Regex;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -100,9 +102,6 @@ impl WireStats {
     }
 }
 
-/// URL → (ETag, body, next-page link) of the last 200 answer.
-type EtagCache = Mutex<HashMap<String, (String, Value, Option<String>)>>;
-
 struct Token {
     secret: String,
     /// Hash of the secret: the only name a token has outside this process.
@@ -116,7 +115,7 @@ pub struct GithubClient {
     tokens: Vec<Token>,
     next: AtomicU64,
     budget: Arc<dyn TokenBudget>,
-    etags: EtagCache,
+    cache: Arc<dyn ResponseCache>,
     pub stats: Arc<WireStats>,
 }
 
@@ -184,9 +183,16 @@ impl GithubClient {
             tokens,
             next: AtomicU64::new(0),
             budget,
-            etags: Mutex::new(HashMap::new()),
+            cache: Arc::new(MemoryCache::default()),
             stats: Arc::default(),
         })
+    }
+
+    /// Keeps ETags and bodies in `cache` instead of this process's memory, so other replicas
+    /// pointed at the same cache get `304`s for pages this one fetched.
+    pub fn with_cache(mut self, cache: Arc<dyn ResponseCache>) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Tokens from `GITHUB_TOKENS` (comma-separated) or `GITHUB_TOKEN`.
@@ -285,6 +291,13 @@ impl GithubClient {
     }
 
     async fn send(&self, url: &str, post: Option<Value>) -> Result<Option<Page>> {
+        let cached = match post {
+            None => self.cache.get(url).await.unwrap_or_else(|e| {
+                tracing::warn!(%url, error = %format!("{e:#}"), "GitHub response cache unreadable");
+                None
+            }),
+            Some(_) => None,
+        };
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -300,13 +313,8 @@ impl GithubClient {
             if !token.secret.is_empty() {
                 req = req.bearer_auth(&token.secret);
             }
-            let cached = if post.is_none() {
-                self.etags.lock().expect("etag lock").get(url).cloned()
-            } else {
-                None
-            };
-            if let Some((etag, ..)) = &cached {
-                req = req.header("if-none-match", etag);
+            if let Some(c) = &cached {
+                req = req.header("if-none-match", &c.etag);
             }
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let resp = match req.send().await {
@@ -357,22 +365,26 @@ impl GithubClient {
                     let v: Value = serde_json::from_slice(&body)
                         .with_context(|| format!("{url} did not answer JSON"))?;
                     if post.is_none()
-                        && let Some(et) = header("etag")
+                        && let Some(etag) = header("etag")
                     {
-                        self.etags
-                            .lock()
-                            .expect("etag lock")
-                            .insert(url.to_string(), (et, v.clone(), next.clone()));
+                        let entry = Cached {
+                            url: url.to_string(),
+                            etag,
+                            body: v.clone(),
+                            next: next.clone(),
+                        };
+                        if let Err(e) = self.cache.put(&entry).await {
+                            tracing::warn!(%url, error = %format!("{e:#}"), "GitHub response cache unwritable");
+                        }
                     }
                     return Ok(Some(Page { body: v, next }));
                 }
                 304 => {
                     self.stats.not_modified.fetch_add(1, Ordering::Relaxed);
-                    let (_, v, cached_next) =
-                        cached.ok_or_else(|| anyhow!("{url}: 304 without a cached body"))?;
+                    let c = cached.ok_or_else(|| anyhow!("{url}: 304 without a cached body"))?;
                     return Ok(Some(Page {
-                        body: v,
-                        next: next.or(cached_next),
+                        body: c.body,
+                        next: next.or(c.next),
                     }));
                 }
                 404 => return Ok(None),
@@ -460,11 +472,35 @@ impl GithubClient {
             .map(|p| repo_meta_from(&p.body)))
     }
 
-    /// Repository discovery through the search API: language, stars ≥ `min_stars`, not
-    /// archived, sorted by stars; then a license allow-list; the top `top_n`.
+    /// Repository discovery through the search API: stars ≥ `min_stars`, not archived, sorted
+    /// by stars; then a license allow-list; the top `top_n`. With several languages, one search
+    /// each, merged by stars.
     pub async fn discover(&self, q: &Discovery) -> Result<Vec<RepoMeta>> {
+        if q.languages.len() <= 1 {
+            return self.search_repos(q, q.languages.first()).await;
+        }
+        let mut all: Vec<RepoMeta> = Vec::new();
+        for l in &q.languages {
+            for r in self.search_repos(q, Some(l)).await? {
+                if !all.iter().any(|a| a.full_name == r.full_name) {
+                    all.push(r);
+                }
+            }
+        }
+        all.sort_by_key(|r| std::cmp::Reverse(r.stars.unwrap_or(0)));
+        if q.top_n > 0 {
+            all.truncate(q.top_n);
+        }
+        Ok(all)
+    }
+
+    async fn search_repos(
+        &self,
+        q: &Discovery,
+        language: Option<&String>,
+    ) -> Result<Vec<RepoMeta>> {
         let mut query = format!("stars:>={} archived:false", q.min_stars);
-        if let Some(l) = &q.language {
+        if let Some(l) = language {
             query.push_str(&format!(" language:{l}"));
         }
         let mut u = url::Url::parse(&self.url("search/repositories"))?;
@@ -719,6 +755,86 @@ impl GithubClient {
         Ok(())
     }
 
+    /// The PR's commits and changed files as the API lists them (both paginated; GitHub lists
+    /// at most 250 commits and 3000 files). Files come from REST because GraphQL's changed-file
+    /// nodes have no previous path for renames.
+    pub async fn pull_changes(&self, full_name: &str, number: u64) -> Result<PullChanges> {
+        let per = self.cfg.per_page;
+        let commits = self
+            .get_all(
+                &format!("repos/{full_name}/pulls/{number}/commits?per_page={per}"),
+                0,
+            )
+            .await?
+            .iter()
+            .map(|c| ApiCommit {
+                sha: str_of(c, "sha"),
+                message: c
+                    .pointer("/commit/message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                // `author` is the GitHub account; null when the email belongs to none
+                account: c
+                    .get("author")
+                    .filter(|a| a.get("login").is_some())
+                    .map(|a| author_from(Some(a), None)),
+            })
+            .collect();
+        let files = self
+            .get_all(
+                &format!("repos/{full_name}/pulls/{number}/files?per_page={per}"),
+                0,
+            )
+            .await?
+            .iter()
+            .map(|f| ApiFile {
+                path: str_of(f, "filename"),
+                previous_path: f
+                    .get("previous_filename")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_string),
+                status: str_of(f, "status"),
+                additions: f.get("additions").and_then(|n| n.as_u64()).unwrap_or(0),
+                deletions: f.get("deletions").and_then(|n| n.as_u64()).unwrap_or(0),
+            })
+            .collect();
+        Ok(PullChanges { commits, files })
+    }
+
+    /// Whether the API says PR `number` was merged, and if so where it landed (merge commit,
+    /// head) and its commits' subjects: what finds a PR in history when no commit message
+    /// names it (rebase merges, edited squash subjects).
+    pub async fn pull_state(&self, full_name: &str, number: u64) -> Result<PullState> {
+        let Some(p) = self
+            .get(&format!("repos/{full_name}/pulls/{number}"))
+            .await?
+        else {
+            return Ok(PullState::Unknown);
+        };
+        let b = &p.body;
+        let Some(merged_at) = b.get("merged_at").and_then(|m| m.as_str()) else {
+            return Ok(PullState::NotMerged);
+        };
+        let changes = self.pull_changes(full_name, number).await?;
+        Ok(PullState::Merged(ApiPull {
+            number,
+            merge_commit_sha: str_of(b, "merge_commit_sha"),
+            head_ref: b
+                .pointer("/head/ref")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            title: str_of(b, "title"),
+            body: str_of(b, "body"),
+            merged_at: merged_at.to_string(),
+            commit_subjects: changes
+                .commits
+                .iter()
+                .map(|c| c.message.lines().next().unwrap_or_default().to_string())
+                .collect(),
+        }))
+    }
+
     /// Closing references plus `fixes #N`-style references in the body, each issue fetched once
     /// (REST) when its title is not known yet; references to PRs or missing issues are skipped.
     async fn linked_issues(
@@ -768,10 +884,61 @@ pub const PR_QUERY: &str = r#"query($owner: String!, $name: String!, $number: In
 /// Discovery query (DESIGN: top starred; python subset: Python, ≥ 5 stars, not archived).
 #[derive(Debug, Clone, Default)]
 pub struct Discovery {
-    pub language: Option<String>,
+    /// Any of these languages (none: every language).
+    pub languages: Vec<String>,
     pub min_stars: u64,
     pub license_allow: Vec<String>,
     pub top_n: usize,
+}
+
+/// One commit of a PR as `GET /repos/{o}/{r}/pulls/{n}/commits` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiCommit {
+    pub sha: String,
+    pub message: String,
+    /// The author's GitHub account; `None` when the commit email belongs to none.
+    pub account: Option<Author>,
+}
+
+/// One file of a PR's net change as `GET /repos/{o}/{r}/pulls/{n}/files` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiFile {
+    pub path: String,
+    /// The old path of a rename.
+    pub previous_path: Option<String>,
+    /// `added`, `removed`, `modified`, `renamed`, `copied`, `changed`, `unchanged`.
+    pub status: String,
+    pub additions: u64,
+    pub deletions: u64,
+}
+
+/// A PR's commits and files from the API.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PullChanges {
+    pub commits: Vec<ApiCommit>,
+    pub files: Vec<ApiFile>,
+}
+
+/// A merged PR as the API describes where it landed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiPull {
+    pub number: u64,
+    pub merge_commit_sha: String,
+    pub head_ref: Option<String>,
+    pub title: String,
+    pub body: String,
+    pub merged_at: String,
+    /// First lines of the PR's commit messages, oldest first.
+    pub commit_subjects: Vec<String>,
+}
+
+/// What the API says of a PR number.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PullState {
+    Merged(ApiPull),
+    NotMerged,
+    /// No such PR (or not visible to these tokens).
+    Unknown,
 }
 
 #[derive(Debug, Clone, PartialEq)]

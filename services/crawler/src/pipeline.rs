@@ -10,8 +10,10 @@
 //! A crawl stopped at any point and started again resumes each repository after its
 //! checkpoint: the PRs after it are processed again in the same order, so shard boundaries,
 //! shard bytes and counts come out as in an uninterrupted run.
+use crate::crosscheck::{self, ApiCheckCounts};
 use crate::filter::{Counts, FilterConfig};
 use crate::git::{self, Extracted, GitOptions, GitSource};
+use crate::github::{ApiPull, PullState};
 use anyhow::{Context, Result, anyhow};
 use bytes::Bytes;
 use davinci_core::pr::PullRequest;
@@ -38,6 +40,9 @@ pub struct CrawlConfig {
     pub cache_dir: PathBuf,
     /// Only the newest N candidates of each repository (0: all).
     pub max_prs_per_repo: usize,
+    /// Where repositories named by GH Archive or discovery are cloned from
+    /// (`{web_url}/{owner}/{name}.git`).
+    pub web_url: String,
 }
 
 impl CrawlConfig {
@@ -49,6 +54,7 @@ impl CrawlConfig {
             filter: FilterConfig::default(),
             cache_dir: std::env::temp_dir().join("davinci-crawl-clones"),
             max_prs_per_repo: 0,
+            web_url: "https://github.com".into(),
         }
     }
 }
@@ -95,6 +101,8 @@ pub struct RepoCheckpoint {
     pub candidates: u64,
     pub shards: Vec<ShardInfo>,
     pub counts: Counts,
+    #[serde(default, skip_serializing_if = "ApiCheckCounts::is_empty")]
+    pub api_check: ApiCheckCounts,
 }
 
 /// `stats/crawl.json`.
@@ -108,6 +116,25 @@ pub struct CrawlStats {
     /// Repositories that failed as a whole (bad path, unreadable history), with the error.
     pub failed_repos: BTreeMap<String, String>,
     pub shards: Vec<ShardInfo>,
+    /// The GitHub API's commits and files held against git (only with the API).
+    #[serde(default, skip_serializing_if = "ApiCheckCounts::is_empty")]
+    pub api_check: ApiCheckCounts,
+    /// Per GH Archive file: pull-request events in, candidates out, drops by reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gharchive: BTreeMap<String, Counts>,
+    /// Repositories found by discovery (`owner/name`, most starred first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub discovered: Vec<String>,
+}
+
+impl CrawlStats {
+    /// Adds one repository's final checkpoint.
+    pub fn add_repo(&mut self, cp: RepoCheckpoint) {
+        self.totals.add(&cp.counts);
+        self.repos.entry(cp.repo).or_default().add(&cp.counts);
+        self.api_check.add(&cp.api_check);
+        self.shards.extend(cp.shards);
+    }
 }
 
 /// What the crawl reports as it goes (for progress bars and job counters).
@@ -122,6 +149,8 @@ pub enum Event {
         repo: String,
         number: u64,
         dropped: Option<String>,
+        /// The API's commits or files disagree with git (see `extra.api_check`).
+        api_mismatch: bool,
     },
     ShardWritten {
         key: String,
@@ -134,6 +163,15 @@ pub enum Event {
     RepoFailed {
         source: String,
         error: String,
+    },
+    /// A GH Archive file was read.
+    ArchiveRead {
+        source: String,
+        counts: Counts,
+    },
+    /// Discovery found these repositories.
+    Discovered {
+        repos: Vec<String>,
     },
 }
 
@@ -148,7 +186,9 @@ pub struct Sinks {
     /// Set to stop at the next PR; nothing after that point is written.
     pub cancel: Arc<AtomicBool>,
     /// When set, every extracted PR is enriched from the GitHub API (body, author type and
-    /// association, labels, linked issues, reviews, comments) before the filters run.
+    /// association, labels, linked issues, reviews, comments) before the filters run, each kept
+    /// PR is cross-checked with the API's commits and files ([`crosscheck`]), and PR numbers
+    /// asked for (`RepoSpec::only`) that no commit message names are located through the API.
     pub github: Option<Arc<crate::github::GithubClient>>,
 }
 
@@ -162,7 +202,7 @@ impl Sinks {
             github: None,
         }
     }
-    fn emit(&self, e: Event) {
+    pub(crate) fn emit(&self, e: Event) {
         if let Some(f) = &self.events {
             f(e);
         }
@@ -188,17 +228,21 @@ pub async fn crawl_git(cfg: &CrawlConfig, repos: &[RepoSpec], sinks: &Sinks) -> 
         run_id: cfg.run_id.clone(),
         ..Default::default()
     };
+    crawl_repos(cfg, repos, sinks, &mut stats).await?;
+    write_stats(sinks, &stats).await?;
+    Ok(stats)
+}
+
+/// Crawls every repository into `stats` (without writing it).
+pub(crate) async fn crawl_repos(
+    cfg: &CrawlConfig,
+    repos: &[RepoSpec],
+    sinks: &Sinks,
+    stats: &mut CrawlStats,
+) -> Result<()> {
     for spec in repos {
         match crawl_one(cfg, spec, sinks).await {
-            Ok(cp) => {
-                stats.totals.add(&cp.counts);
-                stats
-                    .repos
-                    .entry(cp.repo.clone())
-                    .or_default()
-                    .add(&cp.counts);
-                stats.shards.extend(cp.shards);
-            }
+            Ok(cp) => stats.add_repo(cp),
             Err(e) if sinks.cancel.load(Ordering::SeqCst) => return Err(e),
             Err(e) => {
                 let msg = format!("{e:#}");
@@ -210,13 +254,18 @@ pub async fn crawl_git(cfg: &CrawlConfig, repos: &[RepoSpec], sinks: &Sinks) -> 
             }
         }
     }
-    let json = serde_json::to_vec_pretty(&stats)?;
+    Ok(())
+}
+
+/// Writes `stats/crawl.json` (the stage's commit point).
+pub(crate) async fn write_stats(sinks: &Sinks, stats: &CrawlStats) -> Result<()> {
+    let json = serde_json::to_vec_pretty(stats)?;
     sinks
         .store
-        .put(&stats_key(&cfg.run_id), Bytes::from(json))
+        .put(&stats_key(&stats.run_id), Bytes::from(json))
         .await
         .context("writing stats/crawl.json")?;
-    Ok(stats)
+    Ok(())
 }
 
 async fn load_checkpoint(store: &dyn BlobStore, key: &str) -> Result<Option<RepoCheckpoint>> {
@@ -234,16 +283,26 @@ async fn load_checkpoint(store: &dyn BlobStore, key: &str) -> Result<Option<Repo
 /// Messages from the git thread (gix repositories are not `Send`, so one thread owns the
 /// repository for the whole crawl of it and hands results over a bounded channel).
 enum FromGit {
-    Opened {
-        repo: String,
+    /// The repository is open; `missing` are asked-for numbers no commit message names.
+    Opened { repo: String, missing: Vec<u64> },
+    /// The final candidate list is known.
+    Counted {
         candidates: u64,
         dups: u64,
-        not_found: u64,
+        /// Asked-for numbers neither history nor the API's merge commits gave.
+        not_found: Vec<u64>,
     },
     Done {
         number: u64,
         result: Result<Extracted>,
     },
+}
+
+/// The async side's answer to [`FromGit::Opened`].
+struct Resume {
+    done_through: Option<u64>,
+    /// Merged PRs the API describes, for the numbers in `missing`.
+    located: Vec<ApiPull>,
 }
 
 /// Crawls one repository from its checkpoint on; returns its final checkpoint.
@@ -253,38 +312,51 @@ pub async fn crawl_one(
     sinks: &Sinks,
 ) -> Result<RepoCheckpoint> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<FromGit>(4);
-    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<Option<Option<u64>>>();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<Option<Resume>>();
     let (cfg2, spec2) = (cfg.clone(), spec.clone());
     let worker = tokio::task::spawn_blocking(move || -> Result<()> {
         let dir = git::prepare(&spec2.source, &cfg2.cache_dir)?;
         let mut src = GitSource::open(&dir, spec2.name.as_deref(), cfg2.git.clone())?;
         let (mut cands, mut dups) = src.candidates()?;
-        let mut not_found = 0u64;
+        let mut missing = Vec::new();
         if let Some(only) = &spec2.only {
             let have: std::collections::BTreeSet<u64> = cands.iter().map(|c| c.number).collect();
-            not_found = only.difference(&have).count() as u64;
+            missing = only.difference(&have).copied().collect();
             cands.retain(|c| only.contains(&c.number));
             dups = 0; // duplicates of numbers nobody asked for are not this crawl's business
         }
-        if cfg2.max_prs_per_repo > 0 && cands.len() > cfg2.max_prs_per_repo {
-            cands.drain(..cands.len() - cfg2.max_prs_per_repo);
-        }
         let opened = FromGit::Opened {
             repo: src.full_name.clone(),
-            candidates: cands.len() as u64,
-            dups,
-            not_found,
+            missing: missing.clone(),
         };
         if tx.blocking_send(opened).is_err() {
             return Ok(());
         }
         // the async side answers with the checkpoint position (None: nothing more to do)
-        let Ok(Some(done_through)) = resume_rx.recv() else {
+        let Ok(Some(resume)) = resume_rx.recv() else {
             return Ok(());
         };
+        for p in &resume.located {
+            if let Some(c) = src.candidate_from_api(p)? {
+                missing.retain(|n| *n != c.number);
+                cands.push(c);
+            }
+        }
+        cands.sort_by_key(|c| c.number);
+        if cfg2.max_prs_per_repo > 0 && cands.len() > cfg2.max_prs_per_repo {
+            cands.drain(..cands.len() - cfg2.max_prs_per_repo);
+        }
+        let counted = FromGit::Counted {
+            candidates: cands.len() as u64,
+            dups,
+            not_found: missing,
+        };
+        if tx.blocking_send(counted).is_err() {
+            return Ok(());
+        }
         for cand in cands
             .iter()
-            .filter(|c| done_through.is_none_or(|d| c.number > d))
+            .filter(|c| resume.done_through.is_none_or(|d| c.number > d))
         {
             let result = if cfg2.filter.repo_excluded(&src.full_name) {
                 Ok(Extracted::Dropped("excluded_repo"))
@@ -317,25 +389,49 @@ pub async fn crawl_one(
     }
 }
 
+/// Asks the API about PR numbers history does not name: merged ones come back to be found by
+/// their merge commit; the numbers the API says were closed unmerged are returned apart.
+async fn locate(
+    sinks: &Sinks,
+    repo: &str,
+    missing: &[u64],
+) -> Result<(Vec<ApiPull>, std::collections::BTreeSet<u64>)> {
+    let (mut located, mut not_merged) = (Vec::new(), std::collections::BTreeSet::new());
+    let Some(gh) = &sinks.github else {
+        return Ok((located, not_merged));
+    };
+    for &n in missing {
+        if sinks.cancel.load(Ordering::SeqCst) {
+            break;
+        }
+        match gh
+            .pull_state(repo, n)
+            .await
+            .with_context(|| format!("locating PR #{n} of {repo} through the API"))?
+        {
+            PullState::Merged(p) => located.push(p),
+            PullState::NotMerged => {
+                not_merged.insert(n);
+            }
+            PullState::Unknown => {}
+        }
+    }
+    Ok((located, not_merged))
+}
+
 /// The async half of [`crawl_one`]: checkpoint, filters, shards. `Ok(None)` when the git
 /// thread stopped before opening the repository (its error explains why).
 async fn drive(
     cfg: &CrawlConfig,
     sinks: &Sinks,
     rx: &mut tokio::sync::mpsc::Receiver<FromGit>,
-    resume_tx: std::sync::mpsc::Sender<Option<Option<u64>>>,
+    resume_tx: std::sync::mpsc::Sender<Option<Resume>>,
 ) -> Result<Option<RepoCheckpoint>> {
-    let Some(FromGit::Opened {
-        repo,
-        candidates,
-        dups,
-        not_found,
-    }) = rx.recv().await
-    else {
+    let Some(FromGit::Opened { repo, missing }) = rx.recv().await else {
         return Ok(None);
     };
     let ck_key = checkpoint_key(&cfg.run_id, &repo);
-    let mut cp = match load_checkpoint(sinks.store.as_ref(), &ck_key).await? {
+    let (mut cp, fresh) = match load_checkpoint(sinks.store.as_ref(), &ck_key).await? {
         Some(cp) if cp.complete => {
             let _ = resume_tx.send(None);
             sinks.emit(Event::RepoDone {
@@ -344,23 +440,42 @@ async fn drive(
             });
             return Ok(Some(cp));
         }
-        Some(cp) => cp,
-        None => {
-            let mut cp = RepoCheckpoint {
+        Some(cp) => (cp, false),
+        None => (
+            RepoCheckpoint {
                 repo: repo.clone(),
                 ..Default::default()
-            };
-            for _ in 0..dups {
-                cp.counts.drop("duplicate_number");
-            }
-            for _ in 0..not_found {
-                cp.counts.drop("not_found_in_git");
-            }
-            cp
-        }
+            },
+            true,
+        ),
     };
+    let (located, not_merged) = locate(sinks, &repo, &missing).await?;
+    let _ = resume_tx.send(Some(Resume {
+        done_through: cp.done_through,
+        located,
+    }));
+    let Some(FromGit::Counted {
+        candidates,
+        dups,
+        not_found,
+    }) = rx.recv().await
+    else {
+        return Ok(None);
+    };
+    if fresh {
+        for _ in 0..dups {
+            cp.counts.drop("duplicate_number");
+        }
+        for n in &not_found {
+            cp.counts.drop(if not_merged.contains(n) {
+                "not_merged"
+            } else {
+                "not_found_in_git"
+            });
+        }
+        cp.api_check.located_by_api = (missing.len() - not_found.len()) as u64;
+    }
     cp.candidates = candidates;
-    let _ = resume_tx.send(Some(cp.done_through));
     sinks.emit(Event::RepoStarted {
         repo: repo.clone(),
         candidates,
@@ -375,24 +490,18 @@ async fn drive(
         if sinks.cancel.load(Ordering::SeqCst) {
             return Err(anyhow!("crawl cancelled during {repo} at PR #{number}"));
         }
-        let dropped: Option<String> =
-            match result.with_context(|| format!("extracting PR #{number} of {repo}"))? {
-                Extracted::Dropped(why) => Some(why.into()),
-                Extracted::Pr(mut pr) => {
-                    if let Some(gh) = &sinks.github {
-                        gh.enrich(&mut pr)
-                            .await
-                            .with_context(|| format!("GitHub metadata of {}", pr.id))?;
-                    }
-                    match cfg.filter.check(&pr) {
-                        Some(why) => Some(why.into()),
-                        None => {
-                            buffer.push(*pr);
-                            None
-                        }
-                    }
+        let (dropped, api_mismatch) = match result
+            .with_context(|| format!("extracting PR #{number} of {repo}"))?
+        {
+            Extracted::Dropped(why) => (Some(why.to_string()), false),
+            Extracted::Pr(pr) => match complete(cfg, sinks, &repo, *pr, &mut cp.api_check).await? {
+                Ok((pr, mismatch)) => {
+                    buffer.push(pr);
+                    (None, mismatch)
                 }
-            };
+                Err(why) => (Some(why.to_string()), false),
+            },
+        };
         match &dropped {
             Some(why) => cp.counts.drop(why),
             None => cp.counts.keep(),
@@ -402,6 +511,7 @@ async fn drive(
             repo: repo.clone(),
             number,
             dropped,
+            api_mismatch,
         });
         if buffer.len() >= cfg.shard_records {
             flush(cfg, sinks, &mut cp, &mut buffer, through, &ck_key, false).await?;
@@ -416,6 +526,45 @@ async fn drive(
         counts: cp.counts.clone(),
     });
     Ok(Some(cp))
+}
+
+/// Completes one extracted PR from the API (when the crawl has a client and the API knows the
+/// PR), applies the filters and cross-checks a kept PR with the API's commits and files.
+/// `Ok(Err(reason))` for a dropped PR; `Ok(Ok((pr, mismatch)))` for a kept one.
+async fn complete(
+    cfg: &CrawlConfig,
+    sinks: &Sinks,
+    repo: &str,
+    mut pr: PullRequest,
+    counts: &mut ApiCheckCounts,
+) -> Result<std::result::Result<(PullRequest, bool), &'static str>> {
+    let mut api = None;
+    if let Some(gh) = &sinks.github
+        && gh
+            .enrich(&mut pr)
+            .await
+            .with_context(|| format!("GitHub metadata of {}", pr.id))?
+    {
+        api = Some(gh);
+    }
+    if let Some(why) = cfg.filter.check(&pr) {
+        return Ok(Err(why));
+    }
+    let Some(gh) = api else {
+        return Ok(Ok((pr, false)));
+    };
+    let changes = gh
+        .pull_changes(repo, pr.number)
+        .await
+        .with_context(|| format!("GitHub commits and files of {}", pr.id))?;
+    let check = crosscheck::apply(&mut pr, &changes);
+    if check.mismatched() {
+        tracing::warn!(pr = %pr.id, check = ?check, "the GitHub API and git disagree");
+    }
+    counts.record(&check);
+    pr.extra
+        .insert("api_check".into(), serde_json::to_value(&check)?);
+    Ok(Ok((pr, check.mismatched())))
 }
 
 /// Writes the buffered records as one shard (if any), announces it, then the checkpoint.

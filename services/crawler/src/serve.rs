@@ -1,19 +1,22 @@
 //! Wiring to gRPC, queues and storage.
 //!
 //! * [`CrawlerService`]: the `Crawler` gRPC service (Start / Get / Watch / Cancel) over the
-//!   runtime job registry; a job crawls its spec's repositories in this process.
+//!   runtime job registry; a job crawls its spec's repositories, GH Archive hours and
+//!   discovered repositories in this process ([`sources::crawl`], as `davinci crawl` does).
 //! * [`run_repo_worker`]: a queue worker on the [`REPO_TOPIC`] topic, one message per
 //!   repository ([`RepoTask`]), so every replica takes its share of one crawl. A worker that
 //!   dies mid-repository leaves its checkpoint; the redelivered task resumes from it. After each
 //!   repository the worker rewrites `stats/crawl.json` from all checkpoints of the run
 //!   ([`write_stats_from_checkpoints`]), so the file is complete once the last repository is.
 use crate::filter::Subset;
-use crate::github::{GithubClient, GithubConfig};
+use crate::github::{Discovery, GithubClient, GithubConfig};
+use crate::httpcache::BlobCache;
 use crate::pipeline::{self, CrawlConfig, CrawlStats, Event, RepoCheckpoint, RepoSpec, Sinks};
+use crate::sources::{self, Inputs};
 use davinci_proto::v1::crawler_server::Crawler as CrawlerRpc;
 use davinci_proto::v1::{CrawlSpec, Job, JobRef, ProgressEvent, StartCrawlRequest};
 use davinci_runtime::blob::{self, BlobStore, S3Config};
-use davinci_runtime::jobs::JobRegistry;
+use davinci_runtime::jobs::{JobHandle, JobRegistry};
 use davinci_runtime::queue::WorkQueue;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -27,37 +30,48 @@ use tonic::{Request, Response, Status};
 pub const REPO_TOPIC: &str = "crawl-repos";
 
 /// Applies a gRPC spec on top of the service's base config; bad fields are refused by name.
+/// Discovery is asked for by any of `min_stars`, `top_n`, `languages`, `license_allow`.
 pub fn config_from_spec(
     base: &CrawlConfig,
     run_id: &str,
     spec: &CrawlSpec,
-) -> Result<(CrawlConfig, Vec<RepoSpec>), Status> {
+) -> Result<(CrawlConfig, Inputs), Status> {
     let bad = |field: &str, why: String| Status::invalid_argument(format!("spec.{field}: {why}"));
     if spec.out.trim().is_empty() {
         return Err(bad("out", "the output storage URI is required".into()));
     }
-    if spec.repos.is_empty() {
-        return Err(bad(
-            "repos",
-            "at least one repository path or clone URL is required".into(),
-        ));
-    }
-    if spec.min_stars > 0
+    let discovery = (spec.min_stars > 0
         || spec.top_n > 0
         || !spec.languages.is_empty()
-        || !spec.license_allow.is_empty()
-    {
+        || !spec.license_allow.is_empty())
+    .then(|| Discovery {
+        languages: spec.languages.clone(),
+        min_stars: u64::from(spec.min_stars),
+        license_allow: spec.license_allow.clone(),
+        top_n: spec.top_n as usize,
+    });
+    if spec.repos.is_empty() && spec.gharchive.is_empty() && discovery.is_none() {
         return Err(bad(
-            "min_stars/top_n/languages/license_allow",
-            "repository discovery is run by `davinci crawl --discover`, not by this service yet; list the repositories in `repos`".into(),
+            "repos",
+            "nothing to crawl: give repository paths or clone URLs, GH Archive files (gharchive) or discovery fields (min_stars/top_n/languages/license_allow)".into(),
         ));
     }
-    if !spec.gharchive.is_empty() {
-        return Err(bad(
-            "gharchive",
-            "GH Archive input is read by `davinci crawl --gharchive`, not by this service yet"
-                .into(),
-        ));
+    for (i, l) in spec.languages.iter().enumerate() {
+        if l.trim().is_empty() || l.contains(char::is_whitespace) {
+            return Err(bad(
+                &format!("languages[{i}]"),
+                format!("`{l}` is not a language name"),
+            ));
+        }
+    }
+    for (i, g) in spec.gharchive.iter().enumerate() {
+        let scheme = g.split_once("://").map(|(s, _)| s);
+        if g.trim().is_empty() || !matches!(scheme, None | Some("file") | Some("s3")) {
+            return Err(bad(
+                &format!("gharchive[{i}]"),
+                format!("`{g}` is not a local path, file:// or s3:// URI"),
+            ));
+        }
     }
     let mut cfg = base.clone();
     cfg.run_id = if run_id.is_empty() {
@@ -90,13 +104,16 @@ pub fn config_from_spec(
             return Err(bad(&format!("repos[{i}]"), "empty".into()));
         }
     }
-    Ok((
-        cfg,
-        spec.repos
+    let inputs = Inputs {
+        repos: spec
+            .repos
             .iter()
             .map(|r| RepoSpec::new(r.clone()))
             .collect(),
-    ))
+        gharchive: spec.gharchive.clone(),
+        discovery,
+    };
+    Ok((cfg, inputs))
 }
 
 /// The gRPC service.
@@ -108,8 +125,9 @@ pub struct CrawlerService {
 }
 
 impl CrawlerService {
-    /// `github`: the client PRs are enriched with when a spec asks for it (tokens and budgets
-    /// are the server's, never the caller's).
+    /// `github`: the client used for discovery, and for PR metadata when a spec asks for it
+    /// (tokens and budgets are the server's, never the caller's). `base.web_url` is where
+    /// repositories named by GH Archive or discovery are cloned from.
     pub fn new(
         jobs: JobRegistry,
         s3: S3Config,
@@ -123,6 +141,32 @@ impl CrawlerService {
             github,
         }
     }
+
+    /// The client for a spec: one for `github_api_url` (its ETags kept beside the run's
+    /// output, in `cache/github/`), else the server's.
+    fn client_for(
+        &self,
+        spec: &CrawlSpec,
+        store: &Arc<dyn BlobStore>,
+    ) -> Result<Arc<GithubClient>, Status> {
+        if spec.github_api_url.is_empty() {
+            return self.github.clone().ok_or_else(|| {
+                Status::failed_precondition(
+                    "this crawler has no GitHub client configured (needed for `github` and discovery); set spec.github_api_url",
+                )
+            });
+        }
+        let gh_cfg = GithubConfig {
+            api_url: spec.github_api_url.clone(),
+            ..Default::default()
+        };
+        let budget = Arc::new(crate::budget::MemoryBudget::default());
+        let client = GithubClient::new(gh_cfg, GithubClient::tokens_from_env(), budget)
+            .map_err(|e| Status::invalid_argument(format!("spec.github_api_url: {e:#}")))?;
+        Ok(Arc::new(
+            client.with_cache(Arc::new(BlobCache::new(store.clone()))),
+        ))
+    }
 }
 
 fn job_id(r: Request<JobRef>) -> Result<String, Status> {
@@ -131,6 +175,78 @@ fn job_id(r: Request<JobRef>) -> Result<String, Status> {
         return Err(Status::invalid_argument("job_id is required"));
     }
     Ok(id)
+}
+
+/// One crawl job: resolves the inputs, crawls, reports progress and counters to `handle`;
+/// returns the shard and stats URIs.
+async fn run_job(
+    handle: JobHandle,
+    cfg: CrawlConfig,
+    inputs: Inputs,
+    store: Arc<dyn BlobStore>,
+    api: Option<Arc<GithubClient>>,
+    enrich: bool,
+    s3: S3Config,
+) -> anyhow::Result<Vec<String>> {
+    let mut sinks = Sinks::new(store.clone());
+    sinks.github = api.clone().filter(|_| enrich);
+    let cancel = sinks.cancel.clone();
+    let token = handle.cancel_token();
+    tokio::spawn(async move {
+        token.cancelled().await;
+        cancel.store(true, Ordering::SeqCst);
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    sinks.events = Some(Arc::new(move |e| {
+        let _ = tx.send(e);
+    }));
+    let h2 = handle.clone();
+    let reporter = tokio::spawn(async move {
+        let (mut done, mut total) = (0u64, 0u64);
+        while let Some(e) = rx.recv().await {
+            match e {
+                Event::RepoStarted { candidates, .. } => total += candidates,
+                Event::PrDone {
+                    dropped,
+                    repo,
+                    api_mismatch,
+                    ..
+                } => {
+                    done += 1;
+                    match dropped {
+                        Some(why) => h2.count(&format!("drop.{why}"), 1).await,
+                        None => h2.count("records_out", 1).await,
+                    }
+                    if api_mismatch {
+                        h2.count("api_mismatched", 1).await;
+                    }
+                    if done % 16 == 0 {
+                        h2.progress(done, total, &repo).await;
+                    }
+                }
+                Event::ShardWritten { .. } => h2.count("shards", 1).await,
+                Event::RepoFailed { .. } => h2.count("repos_failed", 1).await,
+                Event::RepoDone { .. } => h2.count("repos_done", 1).await,
+                Event::ArchiveRead { counts, .. } => {
+                    h2.count("gharchive_candidates", counts.out).await
+                }
+                Event::Discovered { repos } => {
+                    h2.count("repos_discovered", repos.len() as u64).await
+                }
+            }
+        }
+        h2.progress(done, total, "done").await;
+    });
+    let stats = sources::crawl(&cfg, &inputs, api.as_deref(), &s3, &sinks).await;
+    drop(sinks);
+    let _ = reporter.await;
+    let stats = stats?;
+    let mut outputs: Vec<String> = stats.shards.iter().map(|s| store.uri(&s.key)).collect();
+    outputs.push(store.uri(&pipeline::stats_key(&cfg.run_id)));
+    if !stats.failed_repos.is_empty() && stats.repos.is_empty() {
+        anyhow::bail!("every repository failed: {:?}", stats.failed_repos);
+    }
+    Ok(outputs)
 }
 
 #[tonic::async_trait]
@@ -143,24 +259,12 @@ impl CrawlerRpc for CrawlerService {
         let spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is required"))?;
-        let (cfg, repos) = config_from_spec(&self.base, &req.run_id, &spec)?;
-        let github = if spec.github {
-            if !spec.github_api_url.is_empty() {
-                let gh_cfg = GithubConfig {
-                    api_url: spec.github_api_url.clone(),
-                    ..Default::default()
-                };
-                let budget = Arc::new(crate::budget::MemoryBudget::default());
-                Some(Arc::new(
-                    GithubClient::new(gh_cfg, GithubClient::tokens_from_env(), budget).map_err(
-                        |e| Status::invalid_argument(format!("spec.github_api_url: {e:#}")),
-                    )?,
-                ))
-            } else {
-                Some(self.github.clone().ok_or_else(|| {
-                    Status::failed_precondition("this crawler has no GitHub client configured")
-                })?)
-            }
+        let (cfg, inputs) = config_from_spec(&self.base, &req.run_id, &spec)?;
+        let store = blob::open(&spec.out, &self.s3)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("spec.out: {e}")))?;
+        let api = if spec.github || inputs.discovery.is_some() {
+            Some(self.client_for(&spec, &store)?)
         } else {
             None
         };
@@ -168,62 +272,15 @@ impl CrawlerRpc for CrawlerService {
             "repos": spec.repos, "out": spec.out, "subset": spec.subset, "github": spec.github,
             "github_api_url": spec.github_api_url, "exclude_repos": spec.exclude_repos,
             "bot_logins": spec.bot_logins, "max_prs_per_repo": spec.max_prs_per_repo,
+            "gharchive": spec.gharchive, "languages": spec.languages,
+            "min_stars": spec.min_stars, "top_n": spec.top_n, "license_allow": spec.license_allow,
         })
         .to_string();
-        let store = blob::open(&spec.out, &self.s3)
-            .await
-            .map_err(|e| Status::invalid_argument(format!("spec.out: {e}")))?;
+        let (s3, enrich) = (self.s3.clone(), spec.github);
         let job = self
             .jobs
             .spawn("crawl", &cfg.run_id.clone(), spec_json, move |handle| {
-                Box::pin(async move {
-                    let mut sinks = Sinks::new(store.clone());
-                    sinks.github = github;
-                    let cancel = sinks.cancel.clone();
-                    let token = handle.cancel_token();
-                    tokio::spawn(async move {
-                        token.cancelled().await;
-                        cancel.store(true, Ordering::SeqCst);
-                    });
-                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-                    sinks.events = Some(Arc::new(move |e| {
-                        let _ = tx.send(e);
-                    }));
-                    let h2 = handle.clone();
-                    let reporter = tokio::spawn(async move {
-                        let (mut done, mut total) = (0u64, 0u64);
-                        while let Some(e) = rx.recv().await {
-                            match e {
-                                Event::RepoStarted { candidates, .. } => total += candidates,
-                                Event::PrDone { dropped, repo, .. } => {
-                                    done += 1;
-                                    match dropped {
-                                        Some(why) => h2.count(&format!("drop.{why}"), 1).await,
-                                        None => h2.count("records_out", 1).await,
-                                    }
-                                    if done % 16 == 0 {
-                                        h2.progress(done, total, &repo).await;
-                                    }
-                                }
-                                Event::ShardWritten { .. } => h2.count("shards", 1).await,
-                                Event::RepoFailed { .. } => h2.count("repos_failed", 1).await,
-                                Event::RepoDone { .. } => h2.count("repos_done", 1).await,
-                            }
-                        }
-                        h2.progress(done, total, "done").await;
-                    });
-                    let stats = pipeline::crawl_git(&cfg, &repos, &sinks).await;
-                    drop(sinks);
-                    let _ = reporter.await;
-                    let stats = stats?;
-                    let mut outputs: Vec<String> =
-                        stats.shards.iter().map(|s| store.uri(&s.key)).collect();
-                    outputs.push(store.uri(&pipeline::stats_key(&cfg.run_id)));
-                    if !stats.failed_repos.is_empty() && stats.failed_repos.len() == repos.len() {
-                        anyhow::bail!("every repository failed: {:?}", stats.failed_repos);
-                    }
-                    Ok(outputs)
-                })
+                Box::pin(run_job(handle, cfg, inputs, store, api, enrich, s3))
             })
             .await?;
         Ok(Response::new(job))
@@ -313,13 +370,7 @@ pub async fn write_stats_from_checkpoints(
         .await?
     {
         let cp: RepoCheckpoint = serde_json::from_slice(&store.get(&m.key).await?)?;
-        stats.totals.add(&cp.counts);
-        stats
-            .repos
-            .entry(cp.repo.clone())
-            .or_default()
-            .add(&cp.counts);
-        stats.shards.extend(cp.shards);
+        stats.add_repo(cp);
     }
     store
         .put(

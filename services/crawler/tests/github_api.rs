@@ -1,288 +1,22 @@
-//! The GitHub client against a fake GitHub written here (axum on 127.0.0.1:0): REST with
-//! Link pagination, ETags and per-token rate limits in fixed windows, GraphQL, one 429 with
-//! `retry-after`, one HTML abuse page and one 502 injected. Payloads copy the shape of
-//! GitHub's (see shared/data/github/rest), with our own small contents.
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use davinci_core::pr::{AuthorType, GitRef, PR_SCHEMA, PrSource, PullRequest, RepoMeta};
+//! The GitHub client against the fake GitHub of `common` (REST with Link pagination, ETags,
+//! per-token rate limits, GraphQL, one 429 with `retry-after`, one HTML abuse page and one 502
+//! injected), and the git crawl completed and cross-checked from it.
+mod common;
+
+use common::{Data, cfg, commit_json, file_json, git, pull_json, serve_with, user};
+use davinci_core::pr::{
+    AuthorType, FileStatus, GitRef, PR_SCHEMA, PrSource, PullRequest, RepoMeta,
+};
 use davinci_crawler::budget::{MemoryBudget, RedisBudget, TokenBudget};
-use davinci_crawler::github::{Discovery, GithubClient, GithubConfig};
-use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use davinci_crawler::github::{Discovery, GithubClient};
+use davinci_crawler::httpcache::{BlobCache, RedisCache, ResponseCache};
+use davinci_crawler::pipeline::{self, CrawlConfig, RepoSpec, Sinks};
+use davinci_runtime::blob::BlobStore;
+use std::collections::HashSet;
+use std::sync::Arc;
 
-const WINDOW: u64 = 2;
-
-#[derive(Default)]
-struct Fake {
-    /// Requests allowed per token per window.
-    limit: u64,
-    /// (token, window index) → requests counted.
-    used: Mutex<HashMap<(String, u64), u64>>,
-    /// Requests refused because the token had no budget left: avoidable by a polite client.
-    over_limit: Mutex<u64>,
-    /// Paths (with query) that fail once with the given fault.
-    faults: Mutex<HashMap<String, &'static str>>,
-    fired: Mutex<HashSet<String>>,
-    requests: Mutex<u64>,
-    /// Leave `x-ratelimit-*` off successful responses (as some proxies do).
-    hide_headers: bool,
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-type S = Arc<Fake>;
-
-fn user(login: &str, kind: &str) -> Value {
-    json!({"login": login, "id": 1, "node_id": "U_1", "avatar_url": "", "gravatar_id": "", "url": format!("https://api.github.com/users/{login}"), "type": kind, "site_admin": false})
-}
-
-fn repo_json(name: &str, stars: u64, archived: bool, license: &str, lang: &str) -> Value {
-    json!({"id": stars, "node_id": "R_1", "name": name.split('/').nth(1), "full_name": name, "private": false,
-      "owner": user(name.split('/').next().unwrap(), "Organization"), "description": "d", "fork": false,
-      "stargazers_count": stars, "watchers_count": stars, "language": lang, "archived": archived,
-      "license": {"key": license.to_lowercase(), "name": license, "spdx_id": license}, "default_branch": "main"})
-}
-
-fn pulls() -> Vec<Value> {
-    (1..=5u64)
-        .map(|n| {
-            let merged = n != 4;
-            let u = if n == 5 { user("renovate[bot]", "Bot") } else { user("alice", "User") };
-            json!({"url": format!("https://api.github.com/repos/acme/widgets/pulls/{n}"), "id": n, "number": n, "state": "closed",
-              "title": format!("PR {n}"), "user": u,
-              "body": if n == 1 { "Fixes #10 and also see #11.\r\n".to_string() } else { format!("body {n}") },
-              "labels": [{"id": 1, "name": "bug"}], "created_at": "2024-01-01T00:00:00Z", "closed_at": "2024-01-02T00:00:00Z",
-              "merged_at": if merged { json!("2024-01-02T00:00:00Z") } else { Value::Null },
-              "merge_commit_sha": format!("{n:040}"), "author_association": "CONTRIBUTOR",
-              "head": {"ref": format!("feat{n}"), "sha": "h"}, "base": {"ref": "main", "sha": "b"}})
-        })
-        .collect()
-}
-
-/// Counts the request against its token; `Err` is the 403 for a token over its budget.
-#[allow(clippy::result_large_err)] // a test helper; the error is the response to send
-fn meter(
-    s: &Fake,
-    headers: &HeaderMap,
-    counts: bool,
-) -> Result<Vec<(&'static str, String)>, Response> {
-    *s.requests.lock().unwrap() += 1;
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("anon")
-        .to_string();
-    let w = now() / WINDOW;
-    let reset = (w + 1) * WINDOW;
-    let mut used = s.used.lock().unwrap();
-    let n = used.entry((token, w)).or_default();
-    if *n >= s.limit {
-        *s.over_limit.lock().unwrap() += 1;
-        let body = json!({"message": "API rate limit exceeded", "documentation_url": "https://docs.github.com/rest/overview/rate-limits-for-the-rest-api"});
-        let mut r = (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
-        let h = r.headers_mut();
-        h.insert("x-ratelimit-limit", s.limit.into());
-        h.insert("x-ratelimit-remaining", 0u64.into());
-        h.insert("x-ratelimit-reset", reset.into());
-        return Err(r);
-    }
-    if counts {
-        *n += 1;
-    }
-    if s.hide_headers {
-        return Ok(vec![]);
-    }
-    Ok(vec![
-        ("x-ratelimit-limit", s.limit.to_string()),
-        ("x-ratelimit-remaining", (s.limit - *n).to_string()),
-        ("x-ratelimit-reset", reset.to_string()),
-    ])
-}
-
-/// A fault injected once for this path: 429 + retry-after, an HTML abuse page, or a 502.
-fn fault(s: &Fake, key: &str) -> Option<Response> {
-    let f = *s.faults.lock().unwrap().get(key)?;
-    if !s.fired.lock().unwrap().insert(key.to_string()) {
-        return None;
-    }
-    Some(match f {
-        "429" => (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1"), ("content-type", "application/json")], r#"{"message":"You have exceeded a secondary rate limit"}"#).into_response(),
-        "html" => (StatusCode::FORBIDDEN, [("content-type", "text/html; charset=utf-8"), ("retry-after", "1")], "<!DOCTYPE html><html><head><title>Whoa there!</title></head><body>You have triggered an abuse detection mechanism.</body></html>").into_response(),
-        _ => (StatusCode::BAD_GATEWAY, "bad gateway").into_response(),
-    })
-}
-
-/// JSON with ETag handling: a matching `If-None-Match` gets a 304 that does not count
-/// against the rate limit (as on GitHub).
-fn respond(
-    s: &Fake,
-    headers: &HeaderMap,
-    uri: &Uri,
-    body: Value,
-    link: Option<String>,
-) -> Response {
-    let key = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_default();
-    let text = body.to_string();
-    let etag = format!(
-        "\"{}\"",
-        &davinci_core::hash::sha256_hex(text.as_bytes())[..20]
-    );
-    let not_modified =
-        headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some(etag.as_str());
-    let rl = match meter(s, headers, !not_modified) {
-        Ok(h) => h,
-        Err(r) => return r,
-    };
-    if let Some(r) = fault(s, &key) {
-        return r;
-    }
-    let mut r = if not_modified {
-        StatusCode::NOT_MODIFIED.into_response()
-    } else {
-        (
-            StatusCode::OK,
-            [("content-type", "application/json; charset=utf-8")],
-            text,
-        )
-            .into_response()
-    };
-    let h = r.headers_mut();
-    for (k, v) in rl {
-        h.insert(k, v.parse().unwrap());
-    }
-    h.insert("etag", etag.parse().unwrap());
-    if let Some(l) = link {
-        h.insert("link", l.parse().unwrap());
-    }
-    r
-}
-
-fn page_of(
-    items: Vec<Value>,
-    q: &HashMap<String, String>,
-    base: &str,
-) -> (Vec<Value>, Option<String>) {
-    let per: usize = q.get("per_page").and_then(|v| v.parse().ok()).unwrap_or(30);
-    let page: usize = q.get("page").and_then(|v| v.parse().ok()).unwrap_or(1);
-    let chunk: Vec<Value> = items
-        .iter()
-        .skip((page - 1) * per)
-        .take(per)
-        .cloned()
-        .collect();
-    let next = (page * per < items.len()).then(|| {
-        let mut u = url::Url::parse(base).unwrap();
-        let mut qs: BTreeMap<String, String> = q.clone().into_iter().collect();
-        qs.insert("page".into(), (page + 1).to_string());
-        u.query_pairs_mut().clear().extend_pairs(qs.iter());
-        format!("<{u}>; rel=\"next\", <{u}>; rel=\"last\"")
-    });
-    (chunk, next)
-}
-
-async fn serve() -> (String, S) {
-    serve_with(8, false).await
-}
-
-async fn serve_with(limit: u64, hide_headers: bool) -> (String, S) {
-    let s: S = Arc::new(Fake {
-        limit,
-        hide_headers,
-        ..Default::default()
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let b1 = base.clone();
-    let b2 = base.clone();
-    let app = Router::new()
-        .route("/repos/{o}/{r}", get(|State(s): State<S>, h: HeaderMap, uri: Uri, Path((o, r)): Path<(String, String)>| async move {
-            respond(&s, &h, &uri, repo_json(&format!("{o}/{r}"), 120, false, "MIT", "Python"), None)
-        }))
-        .route("/search/repositories", get(move |State(s): State<S>, h: HeaderMap, uri: Uri, Query(q): Query<HashMap<String, String>>| {
-            let base = b1.clone();
-            async move {
-                let items = vec![
-                    repo_json("acme/big", 900, false, "MIT", "Python"),
-                    repo_json("acme/old", 800, true, "MIT", "Python"),
-                    repo_json("acme/gpl", 700, false, "GPL-3.0", "Python"),
-                    repo_json("acme/widgets", 600, false, "Apache-2.0", "Python"),
-                    repo_json("acme/small", 3, false, "MIT", "Python"),
-                ];
-                let (chunk, next) = page_of(items, &q, &format!("{base}/search/repositories"));
-                respond(&s, &h, &uri, json!({"total_count": 5, "incomplete_results": false, "items": chunk}), next)
-            }
-        }))
-        .route("/repos/{o}/{r}/pulls", get(move |State(s): State<S>, h: HeaderMap, uri: Uri, Query(q): Query<HashMap<String, String>>| {
-            let base = b2.clone();
-            async move {
-                let (chunk, next) = page_of(pulls(), &q, &format!("{base}/repos/acme/widgets/pulls"));
-                respond(&s, &h, &uri, Value::Array(chunk), next)
-            }
-        }))
-        .route("/repos/{o}/{r}/pulls/{n}", get(|State(s): State<S>, h: HeaderMap, uri: Uri, Path((_, _, n)): Path<(String, String, u64)>| async move {
-            match pulls().into_iter().find(|p| p["number"] == n) {
-                Some(p) => respond(&s, &h, &uri, p, None),
-                None => (StatusCode::NOT_FOUND, axum::Json(json!({"message": "Not Found"}))).into_response(),
-            }
-        }))
-        .route("/repos/{o}/{r}/pulls/{n}/reviews", get(|State(s): State<S>, h: HeaderMap, uri: Uri| async move {
-            respond(&s, &h, &uri, json!([{"id": 7, "user": user("bob", "User"), "body": "LGTM", "state": "APPROVED", "author_association": "MEMBER", "submitted_at": "2024-01-02T00:00:00Z", "commit_id": "c"}]), None)
-        }))
-        .route("/repos/{o}/{r}/pulls/{n}/comments", get(|State(s): State<S>, h: HeaderMap, uri: Uri| async move {
-            respond(&s, &h, &uri, json!([{"id": 70, "pull_request_review_id": 7, "diff_hunk": "@@ -1 +1 @@", "path": "a.py", "user": user("bob", "User"), "body": "nit", "line": 3, "original_line": 3, "author_association": "MEMBER"}]), None)
-        }))
-        .route("/repos/{o}/{r}/issues/{n}/comments", get(|State(s): State<S>, h: HeaderMap, uri: Uri| async move {
-            respond(&s, &h, &uri, json!([{"id": 9, "user": user("carol", "User"), "body": "thanks", "created_at": "2024-01-02T00:00:00Z", "author_association": "NONE"}]), None)
-        }))
-        .route("/repos/{o}/{r}/issues/{n}", get(|State(s): State<S>, h: HeaderMap, uri: Uri, Path((_, _, n)): Path<(String, String, u64)>| async move {
-            let mut issue = json!({"number": n, "title": format!("Issue {n}"), "body": format!("issue body {n}"), "state": "closed", "user": user("dave", "User")});
-            if n == 11 {
-                issue["pull_request"] = json!({"url": "x"});
-            }
-            respond(&s, &h, &uri, issue, None)
-        }))
-        .route("/graphql", post(|State(s): State<S>, h: HeaderMap, uri: Uri, body: Bytes| async move {
-            let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let n = req.pointer("/variables/number").and_then(|v| v.as_u64()).unwrap_or(0);
-            if !req["query"].as_str().unwrap_or("").contains("closingIssuesReferences") {
-                return respond(&s, &h, &uri, json!({"errors": [{"message": "unknown query"}]}), None);
-            }
-            let data = json!({"data": {"repository": {"pullRequest": {
-                "closingIssuesReferences": {"nodes": if n == 1 { json!([{"number": 12, "title": "Crash", "body": "it crashes"}]) } else { json!([]) }},
-                "comments": {"nodes": [{"author": {"login": "carol", "__typename": "User"}, "authorAssociation": "NONE", "body": "thanks", "createdAt": "2024-01-02T00:00:00Z"}]},
-                "reviews": {"nodes": [{"author": {"login": "bob", "__typename": "User"}, "authorAssociation": "MEMBER", "state": "CHANGES_REQUESTED", "body": "please fix",
-                    "comments": {"nodes": [{"path": "a.py", "line": 3, "originalLine": 3, "diffHunk": "@@ -1 +1 @@", "body": "nit"}]}}]}
-            }}}});
-            respond(&s, &h, &uri, data, None)
-        }))
-        .with_state(s.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (base, s)
-}
-
-fn cfg(base: &str, budget: u64) -> GithubConfig {
-    GithubConfig {
-        api_url: base.to_string(),
-        budget_per_window: budget,
-        window_secs: WINDOW,
-        secondary_backoff: Duration::from_millis(300),
-        per_page: 2,
-        ..Default::default()
-    }
+async fn serve() -> (String, common::S) {
+    serve_with(8, false, Data::widgets()).await
 }
 
 fn skeleton(n: u64) -> PullRequest {
@@ -346,7 +80,7 @@ async fn polite_client_finishes_within_budget_despite_injected_faults() {
 
     let found = client
         .discover(&Discovery {
-            language: Some("Python".into()),
+            languages: vec!["Python".into()],
             min_stars: 5,
             license_allow: vec!["MIT".into(), "Apache-2.0".into()],
             top_n: 2,
@@ -372,7 +106,7 @@ async fn polite_client_finishes_within_budget_despite_injected_faults() {
     assert_eq!(p1.title, "PR 1");
     assert_eq!(p1.author.association.as_deref(), Some("CONTRIBUTOR"));
     assert_eq!(p1.labels, ["bug"]);
-    assert_eq!(p1.repo.stars, Some(120));
+    assert_eq!(p1.repo.stars, Some(600));
     assert_eq!(p1.reviews[0].state, "CHANGES_REQUESTED");
     assert_eq!(p1.reviews[0].comments[0].line, Some(3));
     assert_eq!(p1.comments[0].author.login, "carol");
@@ -412,7 +146,7 @@ async fn client_over_the_servers_budget_is_refused_then_recovers() {
     // the control for the test above: without rate-limit headers to follow, a budget larger
     // than the server's gets 403s (so the fake does enforce its limit), which the client
     // survives by waiting for the reset the 403 names
-    let (base, fake) = serve_with(4, true).await;
+    let (base, fake) = serve_with(4, true, Data::widgets()).await;
     let client = GithubClient::new(
         cfg(&base, 100),
         vec!["tok-b".into()],
@@ -503,52 +237,86 @@ async fn replicas_share_token_budgets_through_redis() {
     replicas_share_budget(a, b).await;
 }
 
-#[tokio::test]
-async fn git_crawl_enriched_from_the_api() {
-    use davinci_crawler::pipeline::{self, CrawlConfig, RepoSpec, Sinks};
-    let (base, fake) = serve().await;
-    let repo = tempfile::tempdir().unwrap();
-    let d = repo.path();
-    let git = |args: &[&str]| {
-        let o = std::process::Command::new("git")
-            .current_dir(d)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    };
-    git(&["init", "-q", "-b", "main"]);
-    git(&["config", "user.name", "A"]);
-    git(&["config", "user.email", "a@example.com"]);
-    git(&[
-        "remote",
-        "add",
-        "origin",
-        "https://github.com/acme/widgets.git",
-    ]);
+/// A repository at `d` with `origin` = acme/widgets, `a.py` = "x = 0" and one commit.
+fn widgets_repo(d: &std::path::Path) {
+    git(d, &["init", "-q", "-b", "main"]);
+    git(d, &["config", "user.name", "A"]);
+    git(d, &["config", "user.email", "a@example.com"]);
+    git(
+        d,
+        &[
+            "remote",
+            "add",
+            "origin",
+            "https://github.com/acme/widgets.git",
+        ],
+    );
     std::fs::write(d.join("a.py"), "x = 0\n").unwrap();
-    git(&["add", "-A"]);
-    git(&["commit", "-q", "-m", "init"]);
-    for n in [1, 2, 5] {
-        std::fs::write(d.join("a.py"), format!("x = {n}\n")).unwrap();
-        git(&["commit", "-q", "-am", &format!("git subject {n} (#{n})")]);
+    git(d, &["add", "-A"]);
+    git(d, &["commit", "-q", "-m", "init"]);
+}
+
+async fn file_store(dir: &std::path::Path) -> Arc<dyn BlobStore> {
+    davinci_runtime::blob::open(&format!("file://{}", dir.display()), &Default::default())
+        .await
+        .unwrap()
+}
+
+async fn records(store: &dyn BlobStore, run: &str) -> Vec<PullRequest> {
+    let mut prs = Vec::new();
+    for m in store.list(&format!("runs/{run}/prs/")).await.unwrap() {
+        prs.extend(
+            davinci_runtime::shard::decode_jsonl_zst::<PullRequest>(
+                &store.get(&m.key).await.unwrap(),
+            )
+            .unwrap(),
+        );
     }
-    let out = tempfile::tempdir().unwrap();
-    let store = davinci_runtime::blob::open(
-        &format!("file://{}", out.path().display()),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
-    let mut sinks = Sinks::new(store.clone());
-    sinks.github = Some(Arc::new(
+    prs.sort_by_key(|p| p.number);
+    prs
+}
+
+fn client(base: &str, budget: u64, token: &str) -> Arc<GithubClient> {
+    Arc::new(
         GithubClient::new(
-            cfg(&base, 8),
-            vec!["tok-e".into()],
+            cfg(base, budget),
+            vec![token.into()],
             Arc::new(MemoryBudget::default()),
         )
         .unwrap(),
-    ));
+    )
+}
+
+#[tokio::test]
+async fn git_crawl_enriched_from_the_api() {
+    let repo = tempfile::tempdir().unwrap();
+    let d = repo.path();
+    widgets_repo(d);
+    let mut data = Data::widgets();
+    for n in [1u64, 2, 5] {
+        std::fs::write(d.join("a.py"), format!("x = {n}\n")).unwrap();
+        git(
+            d,
+            &["commit", "-q", "-am", &format!("git subject {n} (#{n})")],
+        );
+        // squash merges: the API lists the commits before squashing, and the net files
+        let key = ("acme/widgets".to_string(), n);
+        data.commits.insert(
+            key.clone(),
+            vec![commit_json(
+                &format!("{n:0>40}"),
+                "wip",
+                Some(("alice", "User")),
+            )],
+        );
+        data.files
+            .insert(key, vec![file_json("a.py", "modified", None)]);
+    }
+    let (base, fake) = serve_with(8, false, data).await;
+    let out = tempfile::tempdir().unwrap();
+    let store = file_store(out.path()).await;
+    let mut sinks = Sinks::new(store.clone());
+    sinks.github = Some(client(&base, 8, "tok-e"));
     let stats = pipeline::crawl_git(
         &CrawlConfig::new("gh"),
         &[RepoSpec::new(d.display().to_string())],
@@ -559,24 +327,395 @@ async fn git_crawl_enriched_from_the_api() {
     // PR 5's author is a Bot per the API (git only knows "A")
     assert_eq!((stats.totals.input, stats.totals.out), (3, 2), "{stats:?}");
     assert_eq!(stats.totals.drops.get("bot_author"), Some(&1));
-    let mut prs = Vec::new();
-    for m in store.list("runs/gh/prs/").await.unwrap() {
-        prs.extend(
-            davinci_runtime::shard::decode_jsonl_zst::<PullRequest>(
-                &store.get(&m.key).await.unwrap(),
-            )
-            .unwrap(),
-        );
-    }
-    prs.sort_by_key(|p| p.number);
+    // the kept PRs were checked against the API's commits and files, and agree
+    assert_eq!(
+        (stats.api_check.prs_checked, stats.api_check.prs_mismatched),
+        (2, 0)
+    );
+    let prs = records(store.as_ref(), "gh").await;
     assert_eq!(prs[0].title, "PR 1");
     assert_eq!(prs[0].linked_issues.len(), 2);
     assert_eq!(
         prs[0].commits[0].files[0].diff,
         "@@ -1 +1 @@\n-x = 0\n+x = 1\n"
     );
+    assert_eq!(prs[0].extra["api_check"]["commits_matched_by"], "none");
     assert_eq!(prs[1].reviews.len(), 1);
     assert_eq!(*fake.over_limit.lock().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn api_commits_and_files_cross_check_the_git_record() {
+    let repo = tempfile::tempdir().unwrap();
+    let d = repo.path();
+    widgets_repo(d);
+    let old: String = (1..=6).map(|i| format!("old line {i}\n")).collect();
+    std::fs::write(d.join("old.py"), &old).unwrap();
+    git(d, &["add", "-A"]);
+    git(d, &["commit", "-q", "-m", "add old"]);
+    // PR 7 (merge commit): c1 changes a.py, c2 moves old.py to new.py and rewrites it, so git's
+    // similarity heuristic sees an addition and a deletion where GitHub says "renamed"
+    git(d, &["checkout", "-q", "-b", "f"]);
+    std::fs::write(d.join("a.py"), "x = 7\n").unwrap();
+    git(d, &["commit", "-q", "-am", "change a"]);
+    let c1 = git(d, &["rev-parse", "HEAD"]);
+    std::fs::remove_file(d.join("old.py")).unwrap();
+    std::fs::write(d.join("new.py"), "def rewritten():\n    return 1\n").unwrap();
+    git(d, &["add", "-A"]);
+    git(d, &["commit", "-q", "-m", "move and rewrite old"]);
+    let c2 = git(d, &["rev-parse", "HEAD"]);
+    git(d, &["checkout", "-q", "main"]);
+    git(
+        d,
+        &[
+            "merge",
+            "-q",
+            "--no-ff",
+            "-m",
+            "Merge pull request #7 from alice/f\n\nMove",
+            "f",
+        ],
+    );
+    let m7 = git(d, &["rev-parse", "HEAD"]);
+    // PR 8 (squash): agrees with the API
+    std::fs::write(d.join("a.py"), "x = 8\n").unwrap();
+    git(d, &["commit", "-q", "-am", "Tweak (#8)"]);
+    let m8 = git(d, &["rev-parse", "HEAD"]);
+
+    let mut data = Data::widgets();
+    let repo_name = "acme/widgets".to_string();
+    data.pulls.insert(
+        repo_name.clone(),
+        vec![
+            pull_json(
+                &repo_name,
+                7,
+                true,
+                user("alice", "User"),
+                "Moves old.py",
+                &m7,
+            ),
+            pull_json(&repo_name, 8, true, user("alice", "User"), "Tweak", &m8),
+        ],
+    );
+    let lost = "f".repeat(40);
+    data.commits.insert(
+        (repo_name.clone(), 7),
+        vec![
+            commit_json(&c1, "change a", Some(("alice", "User"))),
+            commit_json(&c2, "move and rewrite old", Some(("helper[bot]", "Bot"))),
+            commit_json(&lost, "force-pushed away", None),
+        ],
+    );
+    // three files: two pages at per_page 2
+    data.files.insert(
+        (repo_name.clone(), 7),
+        vec![
+            file_json("a.py", "modified", None),
+            file_json("new.py", "renamed", Some("old.py")),
+            file_json("ghost.py", "added", None),
+        ],
+    );
+    data.commits.insert(
+        (repo_name.clone(), 8),
+        vec![commit_json(&"e".repeat(40), "wip", None)],
+    );
+    data.files.insert(
+        (repo_name.clone(), 8),
+        vec![file_json("a.py", "modified", None)],
+    );
+    let (base, fake) = serve_with(1000, false, data).await;
+    let out = tempfile::tempdir().unwrap();
+    let store = file_store(out.path()).await;
+    let mut sinks = Sinks::new(store.clone());
+    sinks.github = Some(client(&base, 1000, "tok-x"));
+    let stats = pipeline::crawl_git(
+        &CrawlConfig::new("x"),
+        &[RepoSpec::new(d.display().to_string())],
+        &sinks,
+    )
+    .await
+    .unwrap();
+    assert_eq!((stats.totals.input, stats.totals.out), (2, 2), "{stats:?}");
+    let a = &stats.api_check;
+    assert_eq!(
+        (
+            a.prs_checked,
+            a.prs_mismatched,
+            a.commits_not_in_git,
+            a.commits_not_in_api,
+            a.files_not_in_git,
+            a.files_not_in_api,
+            a.renames_from_api,
+            a.commit_accounts
+        ),
+        (2, 1, 1, 0, 1, 0, 1, 2),
+        "{a:?}"
+    );
+    let log = fake.log.lock().unwrap().clone();
+    assert!(
+        log.iter()
+            .any(|l| l == "/repos/acme/widgets/pulls/7/files?page=2&per_page=2"),
+        "the files list was followed to its second page: {log:?}"
+    );
+    // the counts reach stats/crawl.json
+    let json: serde_json::Value =
+        serde_json::from_slice(&store.get("runs/x/stats/crawl.json").await.unwrap()).unwrap();
+    assert_eq!(json["api_check"]["files_not_in_git"], 1);
+
+    let prs = records(store.as_ref(), "x").await;
+    let p7 = &prs[0];
+    assert_eq!(
+        p7.extra["api_check"]["commits_not_in_git"],
+        serde_json::json!([lost])
+    );
+    assert_eq!(
+        p7.extra["api_check"]["files_not_in_git"],
+        serde_json::json!(["ghost.py"])
+    );
+    assert_eq!(p7.commits[0].account.as_ref().unwrap().login, "alice");
+    assert_eq!(
+        p7.commits[1].account.as_ref().unwrap().kind,
+        AuthorType::Bot
+    );
+    let moved = &p7.commits[1].files;
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert_eq!(
+        (
+            moved[0].path.as_str(),
+            moved[0].old_path.as_deref(),
+            moved[0].status
+        ),
+        ("new.py", Some("old.py"), FileStatus::Renamed)
+    );
+    // the record still replays to the PR head's tree
+    let end = p7.replay().unwrap();
+    assert_eq!(
+        end.files["new.py"].as_deref(),
+        Some("def rewritten():\n    return 1\n")
+    );
+    assert_eq!(end.files["old.py"], None);
+    assert_eq!(end.files["a.py"].as_deref(), Some("x = 7\n"));
+    let p8 = &prs[1];
+    assert!(
+        p8.extra["api_check"].get("files_not_in_git").is_none(),
+        "{:?}",
+        p8.extra
+    );
+}
+
+#[tokio::test]
+async fn prs_no_message_names_are_located_by_the_api() {
+    let repo = tempfile::tempdir().unwrap();
+    let d = repo.path();
+    widgets_repo(d);
+    // PR 20, rebase-merged: its two commits sit on main with their own messages
+    std::fs::write(d.join("h.py"), "def helper():\n    return 1\n").unwrap();
+    git(d, &["add", "-A"]);
+    git(d, &["commit", "-q", "-m", "Add helper"]);
+    std::fs::write(d.join("a.py"), "from h import helper\nx = helper()\n").unwrap();
+    git(d, &["commit", "-q", "-am", "Use helper\n\nDetails."]);
+    let m20 = git(d, &["rev-parse", "HEAD"]);
+    // PR 21, squash-merged with an edited subject (no "(#21)")
+    std::fs::write(d.join("a.py"), "from h import helper\nx = helper() + 1\n").unwrap();
+    git(d, &["commit", "-q", "-am", "Tidy things up"]);
+    let m21 = git(d, &["rev-parse", "HEAD"]);
+    // PR 24, found by its message as usual
+    std::fs::write(d.join("a.py"), "x = 24\n").unwrap();
+    git(d, &["commit", "-q", "-am", "Fix (#24)"]);
+    let m24 = git(d, &["rev-parse", "HEAD"]);
+
+    let name = "acme/widgets".to_string();
+    let mut data = Data::widgets();
+    let alice = || user("alice", "User");
+    data.pulls.insert(
+        name.clone(),
+        vec![
+            pull_json(&name, 20, true, alice(), "helper", &m20),
+            pull_json(&name, 21, true, alice(), "tidy", &m21),
+            pull_json(&name, 22, false, alice(), "closed unmerged", ""),
+            // merged per the API, but its merge commit is not in this clone
+            pull_json(&name, 23, true, alice(), "elsewhere", &"ab".repeat(20)),
+            pull_json(&name, 24, true, alice(), "fix", &m24),
+        ],
+    );
+    data.commits.insert(
+        (name.clone(), 20),
+        vec![
+            commit_json(&"1".repeat(40), "Add helper", Some(("bob", "User"))),
+            commit_json(
+                &"2".repeat(40),
+                "Use helper\n\nDetails.",
+                Some(("carol", "User")),
+            ),
+        ],
+    );
+    data.files.insert(
+        (name.clone(), 20),
+        vec![
+            file_json("a.py", "modified", None),
+            file_json("h.py", "added", None),
+        ],
+    );
+    data.commits.insert(
+        (name.clone(), 21),
+        vec![
+            commit_json(&"3".repeat(40), "wip", None),
+            commit_json(&"4".repeat(40), "wip 2", None),
+        ],
+    );
+    data.files.insert(
+        (name.clone(), 21),
+        vec![file_json("a.py", "modified", None)],
+    );
+    data.commits.insert(
+        (name.clone(), 23),
+        vec![commit_json(&"5".repeat(40), "x", None)],
+    );
+    data.commits.insert(
+        (name.clone(), 24),
+        vec![commit_json(&"6".repeat(40), "x", None)],
+    );
+    data.files.insert(
+        (name.clone(), 24),
+        vec![file_json("a.py", "modified", None)],
+    );
+    let (base, _fake) = serve_with(1000, false, data).await;
+    let out = tempfile::tempdir().unwrap();
+    let store = file_store(out.path()).await;
+    let mut sinks = Sinks::new(store.clone());
+    sinks.github = Some(client(&base, 1000, "tok-l"));
+    let spec = RepoSpec {
+        source: d.display().to_string(),
+        name: Some(name.clone()),
+        only: Some([20, 21, 22, 23, 24].into()),
+    };
+    let stats = pipeline::crawl_git(&CrawlConfig::new("l"), &[spec], &sinks)
+        .await
+        .unwrap();
+    assert_eq!((stats.totals.input, stats.totals.out), (5, 3), "{stats:?}");
+    assert_eq!(stats.totals.drops.get("not_merged"), Some(&1));
+    assert_eq!(stats.totals.drops.get("not_found_in_git"), Some(&1));
+    assert_eq!(stats.api_check.located_by_api, 2);
+    assert_eq!(stats.api_check.prs_mismatched, 0, "{:?}", stats.api_check);
+
+    let prs = records(store.as_ref(), "l").await;
+    assert_eq!(
+        prs.iter().map(|p| p.number).collect::<Vec<_>>(),
+        [20, 21, 24]
+    );
+    let p20 = &prs[0];
+    assert_eq!(p20.extra["merge_style"], "rebase");
+    assert_eq!(p20.extra["located_by"], "github-api");
+    assert_eq!(p20.extra["api_check"]["commits_matched_by"], "subject");
+    assert_eq!(p20.commits.len(), 2);
+    assert_eq!(p20.commits[1].sha, m20);
+    assert_eq!(p20.commits[0].account.as_ref().unwrap().login, "bob");
+    assert_eq!(p20.title, "PR 20");
+    let end = p20.replay().unwrap();
+    assert_eq!(
+        end.files["h.py"].as_deref(),
+        Some("def helper():\n    return 1\n")
+    );
+    assert_eq!(
+        end.files["a.py"].as_deref(),
+        Some("from h import helper\nx = helper()\n")
+    );
+    let p21 = &prs[1];
+    assert_eq!(
+        (p21.extra["merge_style"].as_str(), p21.commits.len()),
+        (Some("squash"), 1)
+    );
+    assert_eq!(p21.commits[0].sha, m21);
+    assert!(!prs[2].extra.contains_key("located_by"));
+
+    // a second run of the same crawl resumes from the complete checkpoint: same counts
+    let again = pipeline::crawl_git(
+        &CrawlConfig::new("l"),
+        &[RepoSpec {
+            source: d.display().to_string(),
+            name: Some(name),
+            only: Some([20, 21, 22, 23, 24].into()),
+        }],
+        &sinks,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.totals, stats.totals);
+    assert_eq!(again.api_check, stats.api_check);
+}
+
+/// Replica `a` fetches a paginated list and one PR through its cache; replica `b`, a separate
+/// client on the same shared cache, gets a 304 for every one of those pages.
+async fn replicas_share_etags(a: Arc<dyn ResponseCache>, b: Arc<dyn ResponseCache>) {
+    let (base, fake) = serve_with(1000, false, Data::widgets()).await;
+    let fetch = |cache: Arc<dyn ResponseCache>, token: &str| {
+        let c = GithubClient::new(
+            cfg(&base, 1000),
+            vec![token.into()],
+            Arc::new(MemoryBudget::default()),
+        )
+        .unwrap()
+        .with_cache(cache);
+        async move {
+            let merged = c.merged_pulls("acme/widgets", 0).await.unwrap();
+            let one = c
+                .get("repos/acme/widgets/pulls/3")
+                .await
+                .unwrap()
+                .unwrap()
+                .body;
+            (merged, one, c.stats.snapshot()["not_modified"])
+        }
+    };
+    let (merged_a, one_a, nm_a) = fetch(a, "tok-a").await;
+    assert_eq!(nm_a, 0);
+    let pages = *fake.requests.lock().unwrap();
+    assert_eq!(pages, 4, "3 list pages and one PR");
+    let (merged_b, one_b, nm_b) = fetch(b, "tok-b").await;
+    assert_eq!((merged_b, one_b), (merged_a, one_a));
+    assert_eq!(nm_b, pages, "every page a fetched was a 304 for b");
+    assert_eq!(*fake.not_modified.lock().unwrap(), pages);
+    // the control: a client with its own cache gets full answers
+    let own: Arc<dyn ResponseCache> = Arc::new(davinci_crawler::httpcache::MemoryCache::default());
+    let (_, _, nm_c) = fetch(own, "tok-c").await;
+    assert_eq!(nm_c, 0);
+}
+
+#[tokio::test]
+async fn etags_are_shared_by_replicas_through_the_blob_store() {
+    let dir = tempfile::tempdir().unwrap();
+    // two stores opened on the same root, as two processes would
+    let a = BlobCache::new(file_store(dir.path()).await);
+    let b = BlobCache::new(file_store(dir.path()).await);
+    replicas_share_etags(Arc::new(a), Arc::new(b)).await;
+    assert_eq!(
+        file_store(dir.path())
+            .await
+            .list(BlobCache::PREFIX)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+}
+
+#[tokio::test]
+async fn etags_are_shared_by_replicas_through_redis() {
+    let redis = match davinci_testkit::RedisServer::start() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("skipping: no redis-server ({e})");
+            return;
+        }
+    };
+    let a = RedisCache::connect(&redis.url(), "t:etag", 60)
+        .await
+        .unwrap();
+    let b = RedisCache::connect(&redis.url(), "t:etag", 60)
+        .await
+        .unwrap();
+    replicas_share_etags(Arc::new(a), Arc::new(b)).await;
 }
 
 #[tokio::test]
