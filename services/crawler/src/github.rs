@@ -1,6 +1,7 @@
 //! The GitHub API source: repository discovery, merged PR listing and per-PR metadata (body,
-//! author, linked issues, reviews, comments) over REST and GraphQL. Code content still comes
-//! from git; this fills in what git does not know.
+//! author, linked issues, reviews, comments) over REST and GraphQL, and each PR's commit and
+//! file lists. Code content still comes from git; this fills in what git does not know and
+//! checks what it does ([`crate::crosscheck`]).
 //!
 //! Politeness rules, in the order a request meets them:
 //! 1. a token is picked from the pool only when the shared [`TokenBudget`] grants it a unit for

@@ -1,4 +1,7 @@
-//! The gRPC service (called in-process) and the per-repository queue worker on a small fixture.
+//! The gRPC service (called in-process) and the per-repository queue worker on a small fixture;
+//! GH Archive and discovery inputs against the fake GitHub of `common`.
+mod common;
+
 use davinci_crawler::pipeline::CrawlConfig;
 use davinci_crawler::serve::{self, CrawlerService, REPO_TOPIC};
 use davinci_proto::v1::crawler_server::Crawler;
@@ -207,4 +210,191 @@ async fn queue_workers_share_a_crawl_by_repository() {
         "{}",
         cc.uri
     );
+}
+
+/// A bare clone of `src` at `{web}/{name}.git` that serves blobless clones.
+fn publish(src: &Path, web: &Path, name: &str) {
+    let bare = web.join(format!("{name}.git"));
+    std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+    git(
+        web,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            &src.display().to_string(),
+            &bare.display().to_string(),
+        ],
+    );
+    git(&bare, &["config", "uploadpack.allowFilter", "true"]);
+}
+
+/// Runs a crawl job to its end through the gRPC service; returns the job.
+async fn run_to_end(svc: &CrawlerService, run: &str, spec: CrawlSpec) -> davinci_proto::v1::Job {
+    let job = svc
+        .start_crawl(Request::new(StartCrawlRequest {
+            run_id: run.into(),
+            spec: Some(spec),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = svc
+        .watch_crawl(Request::new(JobRef {
+            job_id: job.job_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    while events.next().await.is_some() {}
+    svc.get_crawl(Request::new(JobRef { job_id: job.job_id }))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn grpc_crawls_gharchive_hours_and_discovered_repositories() {
+    use common::{Data, pull_json, repo_json, user};
+    use std::io::Write;
+    // acme/tiny is named by GH Archive, acme/found by discovery; both are cloned from `web`
+    let (tiny, found) = (tiny_repo("acme/tiny"), tiny_repo("acme/found"));
+    let web = tempfile::tempdir().unwrap();
+    publish(tiny.path(), web.path(), "acme/tiny");
+    publish(found.path(), web.path(), "acme/found");
+    // one hour: PR 2 of acme/tiny merged (full payload), PR 3 trimmed (the API settles it as
+    // merged), PR 9 of acme/gone trimmed and closed unmerged per the API (never cloned: there
+    // is no such clone), PR 4 of acme/tiny only opened
+    let event = |repo: &str, n: u64, action: &str, pr: serde_json::Value| {
+        serde_json::json!({"id": format!("{n}"), "type": "PullRequestEvent", "actor": {"login": "alice"},
+          "repo": {"id": 1, "name": repo, "url": "u"}, "public": true, "created_at": "2025-11-01T00:00:00Z",
+          "payload": {"action": action, "number": n, "pull_request": pr}})
+    };
+    let trimmed = |n: u64| serde_json::json!({"url": "u", "id": n, "number": n, "head": {"ref": "x", "sha": "h"}, "base": {"ref": "main", "sha": "b"}});
+    let hour = web.path().join("2025-11-01-0.json.gz");
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&hour).unwrap(),
+        flate2::Compression::fast(),
+    );
+    for ev in [
+        event(
+            "acme/tiny",
+            2,
+            "closed",
+            serde_json::json!({"number": 2, "merged": true, "title": "Set x to 2", "user": {"login": "alice", "type": "User"}}),
+        ),
+        event("acme/tiny", 3, "closed", trimmed(3)),
+        event("acme/gone", 9, "closed", trimmed(9)),
+        event("acme/tiny", 4, "opened", trimmed(4)),
+        serde_json::json!({"type": "PushEvent", "repo": {"name": "acme/tiny"}, "payload": {}}),
+    ] {
+        writeln!(gz, "{ev}").unwrap();
+    }
+    gz.finish().unwrap();
+
+    let mut data = Data {
+        repos: vec![
+            repo_json("acme/archived", 900, true, "MIT", "Python"),
+            repo_json("acme/found", 50, false, "MIT", "Python"),
+            repo_json("acme/unloved", 2, false, "MIT", "Python"),
+        ],
+        ..Default::default()
+    };
+    let alice = || user("alice", "User");
+    data.pulls.insert(
+        "acme/tiny".into(),
+        vec![pull_json("acme/tiny", 3, true, alice(), "b", "")],
+    );
+    data.pulls.insert(
+        "acme/gone".into(),
+        vec![pull_json("acme/gone", 9, false, alice(), "b", "")],
+    );
+    let (api, fake) = common::serve_with(1000, false, data).await;
+
+    let out = tempfile::tempdir().unwrap();
+    let clones = tempfile::tempdir().unwrap();
+    let mut base = CrawlConfig::new("x");
+    base.web_url = format!("file://{}", web.path().display());
+    base.cache_dir = clones.path().to_path_buf();
+    let svc = CrawlerService::new(
+        JobRegistry::in_memory().await,
+        S3Config::default(),
+        base,
+        None,
+    );
+    let spec = CrawlSpec {
+        gharchive: vec![hour.display().to_string()],
+        languages: vec!["Python".into()],
+        min_stars: 5,
+        github_api_url: api.clone(),
+        out: format!("file://{}", out.path().display()),
+        ..Default::default()
+    };
+    let job = run_to_end(&svc, "ga", spec.clone()).await;
+    assert_eq!(job.state, JobState::Succeeded as i32, "{job:?}");
+    assert_eq!(job.counters.get("repos_discovered"), Some(&1), "{job:?}");
+    assert_eq!(
+        job.counters.get("gharchive_candidates"),
+        Some(&2),
+        "{job:?}"
+    );
+    // acme/tiny: PRs 2 and 3 only; acme/found: all four
+    assert_eq!(job.counters.get("records_out"), Some(&6), "{job:?}");
+    let stats: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.path().join("runs/ga/stats/crawl.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["discovered"], serde_json::json!(["acme/found"]));
+    let hour_counts = &stats["gharchive"][hour.display().to_string()];
+    assert_eq!(
+        (&hour_counts["in"], &hour_counts["out"]),
+        (&serde_json::json!(4), &serde_json::json!(2)),
+        "{stats}"
+    );
+    assert_eq!(hour_counts["drops"]["not_merged"], 1, "{stats}");
+    assert_eq!(hour_counts["drops"]["not_closed"], 1, "{stats}");
+    assert_eq!(stats["repos"]["acme/tiny"]["out"], 2, "{stats}");
+    assert_eq!(stats["repos"]["acme/found"]["out"], 4, "{stats}");
+    assert!(
+        stats
+            .get("failed_repos")
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .is_empty(),
+        "{stats}"
+    );
+    let log = fake.log.lock().unwrap().clone();
+    assert!(
+        log.iter().any(|l| l.starts_with("/search/repositories?")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l == "/repos/acme/gone/pulls/9"),
+        "{log:?}"
+    );
+    // the spec's client kept its ETags beside the run's output
+    assert!(out.path().join("cache/github").read_dir().unwrap().count() >= 3);
+
+    // discovery needs a GitHub client: none configured and none in the spec
+    let mut no_api = spec.clone();
+    no_api.github_api_url = String::new();
+    let err = svc
+        .start_crawl(Request::new(StartCrawlRequest {
+            run_id: "gb".into(),
+            spec: Some(no_api),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let mut bad = spec;
+    bad.gharchive = vec!["https://data.gharchive.org/2025-11-01-0.json.gz".into()];
+    let err = svc
+        .start_crawl(Request::new(StartCrawlRequest {
+            run_id: "gc".into(),
+            spec: Some(bad),
+        }))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("spec.gharchive[0]"), "{err:?}");
 }
