@@ -26,7 +26,9 @@ pub struct Args {
     /// Output directory or prefix (path, file:// or s3://).
     #[arg(long)]
     pub out: String,
-    /// Hugging Face tokenizer.json (path, file:// or s3://).
+    /// Hugging Face tokenizer.json (path, file:// or s3://), or a Hub model id
+    /// (`org/name[@revision]`) read through the Hugging Face cache (HF_HUB_CACHE / HF_HOME),
+    /// downloaded into it unless HF_HUB_OFFLINE=1 (HF_TOKEN for gated models).
     #[arg(long)]
     pub tokenizer: String,
     /// Tokens per packed bin (Megatron sequence length).
@@ -97,6 +99,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         shard_bytes: args.shard_mib.max(1) << 20,
         eod: args.eod.clone(),
         tokenizer_name: args.tokenizer.clone(),
+        data_root: out.data_root(),
         ..Default::default()
     };
     let pool = rayon::ThreadPoolBuilder::new()

@@ -1,20 +1,20 @@
-//! The pack job: read sample/trajectory JSONL shards, tokenize on all cores, pack per
-//! (stage, dataset), write Megatron shards, and write `manifest.json` last (the commit point).
+//! The pack job: read sample/trajectory JSONL shards, tokenize on all cores (the map step,
+//! [`crate::part`]), pack per (stage, dataset) and write Megatron shards (the reduce step,
+//! [`Reducer`]), and write `manifest.json` last (the commit point).
 use crate::mixture::Mixture;
 use crate::packing::{PackConfig, PackStats, Packer};
+use crate::part::{Event, MapSpec, Mapper};
 use crate::shards::{Doc, ShardInfo, ShardWriter};
 use anyhow::Context;
 use davinci_core::megatron::DType;
-use davinci_core::sample::{Sample, SampleSource};
-use davinci_core::traj::Trajectory;
+use davinci_core::sample::SampleSource;
 use davinci_tokenize::Tokenizer;
-use davinci_tokenize::chat::{self, MaskMode};
-use rayon::prelude::*;
+use davinci_tokenize::chat::MaskMode;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 pub const MANIFEST_SCHEMA: &str = "davinci.packed/v1";
 
@@ -30,6 +30,9 @@ pub struct PackOptions {
     pub eod: Option<String>,
     /// Name recorded in the manifest (e.g. the tokenizer path or URI).
     pub tokenizer_name: String,
+    /// Where trainers find the shards, for the blend's prefixes (default: the output
+    /// directory; the output URI when the directory only stages an upload).
+    pub data_root: Option<String>,
 }
 
 impl Default for PackOptions {
@@ -40,6 +43,7 @@ impl Default for PackOptions {
             batch: 512,
             eod: None,
             tokenizer_name: "tokenizer.json".into(),
+            data_root: None,
         }
     }
 }
@@ -51,14 +55,14 @@ pub enum Input {
 }
 
 impl Input {
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         match self {
             Input::Path(p) => p.display().to_string(),
             Input::Bytes { name, .. } => name.clone(),
         }
     }
 
-    fn reader(&self) -> anyhow::Result<Box<dyn BufRead + '_>> {
+    pub(crate) fn reader(&self) -> anyhow::Result<Box<dyn BufRead + '_>> {
         let name = self.name();
         let raw: Box<dyn Read + '_> = match self {
             Input::Path(p) => {
@@ -152,72 +156,201 @@ struct Slot {
     drops: BTreeMap<String, u64>,
 }
 
-/// One parsed and tokenized record: per needed mask mode, the document.
-enum Prepared {
-    Dropped(&'static str),
-    Docs(SampleSource, Vec<(MaskMode, Doc)>),
-}
-
-fn prepare(
-    tok: &Tokenizer,
-    line: &str,
-    eod: u32,
-    modes_for: &BTreeMap<SampleSource, Vec<MaskMode>>,
-) -> Prepared {
-    let v: serde_json::Value = match serde_json::from_str(line) {
-        Ok(v) => v,
-        Err(_) => return Prepared::Dropped("bad_json"),
-    };
-    if v.get("messages").is_some() {
-        let Ok(t) = serde_json::from_value::<Trajectory>(v) else {
-            return Prepared::Dropped("bad_trajectory");
-        };
-        let source = if t.outcome.resolved {
-            SampleSource::EnvPass
-        } else {
-            SampleSource::EnvFail
-        };
-        let Some(modes) = modes_for.get(&source) else {
-            return Prepared::Docs(source, vec![]);
-        };
-        let Ok(r) = chat::render_qwen25(&t) else {
-            return Prepared::Dropped("bad_chat");
-        };
-        let mut docs = Vec::new();
-        for &m in modes {
-            match chat::tokenize_rendered(tok, &r, m) {
-                Ok((mut ids, mut mask)) => {
-                    ids.push(eod);
-                    mask.push(u8::from(m == MaskMode::All));
-                    docs.push((m, Doc { ids, mask }));
-                }
-                Err(_) => return Prepared::Dropped("tokenize_error"),
-            }
-        }
-        Prepared::Docs(source, docs)
-    } else {
-        let Ok(s) = serde_json::from_value::<Sample>(v) else {
-            return Prepared::Dropped("bad_sample");
-        };
-        if s.text.is_empty() {
-            return Prepared::Dropped("empty_text");
-        }
-        let Some(modes) = modes_for.get(&s.source) else {
-            return Prepared::Docs(s.source, vec![]);
-        };
-        let mut ids = Vec::with_capacity(s.text.len() / 3);
-        if tok.encode_into(&s.text, &mut ids).is_err() {
-            return Prepared::Dropped("tokenize_error");
-        }
-        ids.push(eod);
-        // Plain documents have no chat structure: every token carries loss in every mode.
-        let mask = vec![1u8; ids.len()];
-        let doc = Doc { ids, mask };
-        Prepared::Docs(s.source, modes.iter().map(|&m| (m, doc.clone())).collect())
+/// The end-of-document token: `eod` when given, else the tokenizer's end-of-text token.
+pub fn resolve_eod(tok: &Tokenizer, eod: Option<&str>) -> anyhow::Result<(String, u32)> {
+    match eod {
+        Some(t) => Ok((
+            t.to_string(),
+            tok.token_to_id(t)
+                .with_context(|| format!("EOD token `{t}` is not in the tokenizer"))?,
+        )),
+        None => tok
+            .default_eod()
+            .context("the tokenizer has no end-of-text token; pass --eod"),
     }
 }
 
-/// Runs a pack job into the local directory `out`; returns the manifest it wrote last.
+/// The REDUCE step: takes the map step's events of every input, in input order, packs the
+/// documents per (stage, dataset) and writes the shards into a local directory; `finish`
+/// writes the manifest last.
+pub struct Reducer {
+    mixture: Mixture,
+    opts: PackOptions,
+    out: PathBuf,
+    tokenizer: TokenizerInfo,
+    dtype: DType,
+    slots: Vec<Slot>,
+    records: BTreeMap<String, u64>,
+    drops: BTreeMap<String, u64>,
+    bins: Vec<Vec<Doc>>,
+}
+
+impl Reducer {
+    pub fn new(
+        tok: &Tokenizer,
+        mixture: &Mixture,
+        opts: &PackOptions,
+        out: &Path,
+    ) -> anyhow::Result<Self> {
+        mixture.validate()?;
+        let (eod_token, eod_id) = resolve_eod(tok, opts.eod.as_deref())?;
+        let dtype = DType::for_vocab(tok.vocab_size());
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let mut slots = Vec::new();
+        for (si, st) in mixture.stages.iter().enumerate() {
+            for d in &st.datasets {
+                slots.push(Slot {
+                    stage: si,
+                    source: d.source,
+                    mask: st.mask,
+                    packer: Packer::new(opts.pack.clone()),
+                    writer: ShardWriter::new(
+                        out,
+                        format!("{}/{}", st.name, d.source.as_str()),
+                        dtype,
+                        opts.shard_bytes,
+                    ),
+                    loss_tokens: 0,
+                    drops: BTreeMap::new(),
+                });
+            }
+        }
+        Ok(Self {
+            mixture: mixture.clone(),
+            opts: opts.clone(),
+            out: out.to_path_buf(),
+            tokenizer: TokenizerInfo {
+                name: opts.tokenizer_name.clone(),
+                sha256: tok.sha256().into(),
+                vocab_size: tok.vocab_size(),
+                eod_token,
+                eod_id,
+                engine: format!("{:?}", tok.engine()),
+            },
+            dtype,
+            slots,
+            records: BTreeMap::new(),
+            drops: BTreeMap::new(),
+            bins: Vec::new(),
+        })
+    }
+
+    /// The EOD id documents end with.
+    pub fn eod(&self) -> u32 {
+        self.tokenizer.eod_id
+    }
+
+    fn write_bins(slot: &mut Slot, bins: &mut Vec<Vec<Doc>>) -> anyhow::Result<()> {
+        for b in bins.drain(..) {
+            slot.loss_tokens += b
+                .iter()
+                .map(|d| d.mask.iter().map(|&m| m as u64).sum::<u64>())
+                .sum::<u64>();
+            slot.writer.write_bin(&b).context("writing shard")?;
+        }
+        Ok(())
+    }
+
+    pub fn push(&mut self, ev: Event) -> anyhow::Result<()> {
+        match ev {
+            Event::Dropped(why) => *self.drops.entry(why.into_owned()).or_default() += 1,
+            Event::Record(source) => *self.records.entry(source.as_str().into()).or_default() += 1,
+            Event::Doc(source, mode, doc) => {
+                let n = self
+                    .slots
+                    .iter()
+                    .filter(|s| s.source == source && s.mask == mode)
+                    .count();
+                let mut doc = Some(doc);
+                let mut seen = 0;
+                for slot in self
+                    .slots
+                    .iter_mut()
+                    .filter(|s| s.source == source && s.mask == mode)
+                {
+                    seen += 1;
+                    // The last dataset that packs the document takes it; the others copy.
+                    let d = if seen == n {
+                        doc.take().expect("taken once")
+                    } else {
+                        doc.clone().expect("not taken yet")
+                    };
+                    slot.packer.push(d, &mut self.bins);
+                    Self::write_bins(slot, &mut self.bins)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every packer and shard, then writes `manifest.json` (the commit point).
+    pub fn finish(mut self) -> anyhow::Result<Manifest> {
+        let mut per_stage: Vec<Vec<DatasetEntry>> = vec![Vec::new(); self.mixture.stages.len()];
+        for mut slot in std::mem::take(&mut self.slots) {
+            slot.packer.finish(&mut self.bins);
+            Self::write_bins(&mut slot, &mut self.bins)?;
+            let st: PackStats = slot.packer.stats().clone();
+            if st.dropped_too_long > 0 {
+                slot.drops.insert("too_long".into(), st.dropped_too_long);
+            }
+            if st.dropped_empty > 0 {
+                slot.drops.insert("empty".into(), st.dropped_empty);
+            }
+            let stage = &self.mixture.stages[slot.stage];
+            let dref = stage
+                .datasets
+                .iter()
+                .find(|d| d.source == slot.source)
+                .expect("slot from mixture");
+            per_stage[slot.stage].push(DatasetEntry {
+                name: slot.source.as_str().into(),
+                prefix: format!("{}/{}", stage.name, slot.source.as_str()),
+                mask: slot.mask,
+                upsample: dref.upsample,
+                weight: dref.weight,
+                documents: st.documents,
+                tokens: st.tokens,
+                bins: st.bins,
+                padding_ratio: st.padding_ratio(self.opts.pack.seq_len),
+                split_documents: st.split_documents,
+                loss_tokens: slot.loss_tokens,
+                drops: slot.drops,
+                shards: slot.writer.finish().context("closing shards")?,
+            });
+        }
+        let root = self
+            .opts
+            .data_root
+            .clone()
+            .unwrap_or_else(|| self.out.display().to_string());
+        let stages = self
+            .mixture
+            .stages
+            .iter()
+            .zip(per_stage)
+            .map(|(s, datasets)| stage_entry(s.name.clone(), s.mask, datasets, &root))
+            .collect();
+        let manifest = Manifest {
+            schema: MANIFEST_SCHEMA.into(),
+            tokenizer: self.tokenizer,
+            seq_len: self.opts.pack.seq_len,
+            seed: self.opts.pack.seed,
+            dtype: self.dtype,
+            long_docs: self.opts.pack.long_docs,
+            stages,
+            records: self.records,
+            drops: self.drops,
+        };
+        let json = serde_json::to_vec_pretty(&manifest)?;
+        let tmp = self.out.join("manifest.json.tmp");
+        std::fs::write(&tmp, &json).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, self.out.join("manifest.json"))?;
+        Ok(manifest)
+    }
+}
+
+/// Runs a pack job in this process into the local directory `out`: each input mapped in turn,
+/// its events reduced at once. Returns the manifest it wrote last.
 pub fn run(
     tok: &Tokenizer,
     mixture: &Mixture,
@@ -227,193 +360,34 @@ pub fn run(
     progress: &mut dyn FnMut(&Progress),
     cancel: &AtomicBool,
 ) -> anyhow::Result<Manifest> {
-    mixture.validate()?;
-    let (eod_token, eod) = match &opts.eod {
-        Some(t) => (
-            t.clone(),
-            tok.token_to_id(t)
-                .with_context(|| format!("EOD token `{t}` is not in the tokenizer"))?,
-        ),
-        None => tok
-            .default_eod()
-            .context("the tokenizer has no end-of-text token; pass --eod")?,
+    let mut reducer = Reducer::new(tok, mixture, opts, out)?;
+    let spec = MapSpec::new(tok, &opts.tokenizer_name, mixture, reducer.eod());
+    let mapper = Mapper {
+        tok,
+        spec: &spec,
+        batch: opts.batch,
+        cancel,
     };
-    let dtype = DType::for_vocab(tok.vocab_size());
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-
-    let mut slots: Vec<Slot> = Vec::new();
-    let mut modes_for: BTreeMap<SampleSource, Vec<MaskMode>> = BTreeMap::new();
-    for (si, st) in mixture.stages.iter().enumerate() {
-        for d in &st.datasets {
-            slots.push(Slot {
-                stage: si,
-                source: d.source,
-                mask: st.mask,
-                packer: Packer::new(opts.pack.clone()),
-                writer: ShardWriter::new(
-                    out,
-                    format!("{}/{}", st.name, d.source.as_str()),
-                    dtype,
-                    opts.shard_bytes,
-                ),
-                loss_tokens: 0,
-                drops: BTreeMap::new(),
-            });
-            let modes = modes_for.entry(d.source).or_default();
-            if !modes.contains(&st.mask) {
-                modes.push(st.mask);
-            }
-        }
-    }
-
-    let mut records: BTreeMap<String, u64> = BTreeMap::new();
-    let mut drops: BTreeMap<String, u64> = BTreeMap::new();
     let mut prog = Progress {
         inputs_total: inputs.len(),
         ..Default::default()
     };
-    let mut bins: Vec<Vec<Doc>> = Vec::new();
-    let write_bins = |slot: &mut Slot, bins: &mut Vec<Vec<Doc>>| -> anyhow::Result<()> {
-        for b in bins.drain(..) {
-            slot.loss_tokens += b
-                .iter()
-                .map(|d| d.mask.iter().map(|&m| m as u64).sum::<u64>())
-                .sum::<u64>();
-            slot.writer.write_bin(&b).context("writing shard")?;
-        }
-        Ok(())
-    };
-
     for (ii, input) in inputs.iter().enumerate() {
         prog.input = input.name();
-        let mut reader = input.reader()?;
-        let mut lines: Vec<String> = Vec::with_capacity(opts.batch);
-        let mut eof = false;
-        while !eof {
-            if cancel.load(Ordering::Relaxed) {
-                anyhow::bail!("cancelled");
-            }
-            lines.clear();
-            while lines.len() < opts.batch {
-                let mut l = String::new();
-                match reader.read_line(&mut l) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        prog.bytes += n as u64;
-                        if !l.trim().is_empty() {
-                            lines.push(l);
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                        *drops.entry("bad_utf8".into()).or_default() += 1;
-                    }
-                    Err(e) => return Err(e).with_context(|| format!("reading {}", prog.input)),
-                }
-            }
-            let prepared: Vec<Prepared> = lines
-                .par_iter()
-                .map(|l| prepare(tok, l, eod, &modes_for))
-                .collect();
-            for p in prepared {
-                prog.records += 1;
-                match p {
-                    Prepared::Dropped(why) => *drops.entry(why.into()).or_default() += 1,
-                    Prepared::Docs(source, docs) => {
-                        *records.entry(source.as_str().into()).or_default() += 1;
-                        for (mode, doc) in docs {
-                            prog.tokens += doc.ids.len() as u64;
-                            for slot in slots
-                                .iter_mut()
-                                .filter(|s| s.source == source && s.mask == mode)
-                            {
-                                slot.packer.push(doc.clone(), &mut bins);
-                                write_bins(slot, &mut bins)?;
-                            }
-                        }
-                    }
-                }
-            }
-            progress(&prog);
-        }
+        mapper.map(input, &mut prog, progress, &mut |ev| reducer.push(ev))?;
         prog.inputs_done = ii + 1;
         progress(&prog);
     }
-
-    // Close every packer, then write the manifest last.
-    let mut per_stage: Vec<Vec<DatasetEntry>> = vec![Vec::new(); mixture.stages.len()];
-    for mut slot in slots {
-        slot.packer.finish(&mut bins);
-        write_bins(&mut slot, &mut bins)?;
-        let st: PackStats = slot.packer.stats().clone();
-        if st.dropped_too_long > 0 {
-            slot.drops.insert("too_long".into(), st.dropped_too_long);
-        }
-        if st.dropped_empty > 0 {
-            slot.drops.insert("empty".into(), st.dropped_empty);
-        }
-        let stage = &mixture.stages[slot.stage];
-        let dref = stage
-            .datasets
-            .iter()
-            .find(|d| d.source == slot.source)
-            .expect("slot from mixture");
-        per_stage[slot.stage].push(DatasetEntry {
-            name: slot.source.as_str().into(),
-            prefix: format!("{}/{}", stage.name, slot.source.as_str()),
-            mask: slot.mask,
-            upsample: dref.upsample,
-            weight: dref.weight,
-            documents: st.documents,
-            tokens: st.tokens,
-            bins: st.bins,
-            padding_ratio: st.padding_ratio(opts.pack.seq_len),
-            split_documents: st.split_documents,
-            loss_tokens: slot.loss_tokens,
-            drops: slot.drops,
-            shards: slot.writer.finish().context("closing shards")?,
-        });
-    }
-    let stages = mixture
-        .stages
-        .iter()
-        .zip(per_stage)
-        .map(|(s, datasets)| stage_entry(s.name.clone(), s.mask, datasets, out))
-        .collect();
-    let manifest = Manifest {
-        schema: MANIFEST_SCHEMA.into(),
-        tokenizer: TokenizerInfo {
-            name: opts.tokenizer_name.clone(),
-            sha256: tok.sha256().into(),
-            vocab_size: tok.vocab_size(),
-            eod_token,
-            eod_id: eod,
-            engine: format!("{:?}", tok.engine()),
-        },
-        seq_len: opts.pack.seq_len,
-        seed: opts.pack.seed,
-        dtype,
-        long_docs: opts.pack.long_docs,
-        stages,
-        records,
-        drops,
-    };
-    let json = serde_json::to_vec_pretty(&manifest)?;
-    let tmp = out.join("manifest.json.tmp");
-    std::fs::write(&tmp, &json).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, out.join("manifest.json"))?;
-    Ok(manifest)
+    reducer.finish()
 }
 
 /// Blend weights: a dataset's share is `weight` when given, else `upsample × tokens`; within a
-/// dataset, shards share it by tokens. Prefixes are absolute paths under `root`.
+/// dataset, shards share it by tokens. Prefixes lie under `root`.
 fn stage_entry(
     name: String,
     mask: MaskMode,
     datasets: Vec<DatasetEntry>,
-    root: &Path,
+    root: &str,
 ) -> StageEntry {
     let tokens = datasets.iter().map(|d| d.tokens).sum();
     let effective_tokens = datasets.iter().map(|d| d.upsample * d.tokens as f64).sum();
@@ -432,7 +406,11 @@ fn stage_entry(
         for s in &d.shards {
             let w = share(d) / total * s.tokens as f64 / d.tokens as f64;
             if w > 0.0 {
-                parts.push(format!("{w:.8} {}", root.join(&s.prefix).display()));
+                parts.push(format!(
+                    "{w:.8} {}/{}",
+                    root.trim_end_matches('/'),
+                    s.prefix
+                ));
             }
         }
     }

@@ -1,21 +1,32 @@
 //! gRPC wiring: `TokenizerPacker` Start/Get/Watch/Cancel over the runtime's job registry, and a
-//! unary `CountTokens`. The pack work itself is [`crate::pipeline::run`] on a blocking thread.
+//! unary `CountTokens`. A job runs in this process ([`crate::pipeline::run`] on a blocking
+//! thread), or, with a queue and a run id, is shared with every replica's [`worker`]
+//! ([`crate::shared`]); both write the same bytes.
 use crate::mixture::Mixture;
 use crate::packing::PackConfig;
 use crate::pipeline::{self, PackOptions};
+use crate::shared::{self, TokenizerCache};
 use crate::storage::{self, OutputDir};
 use davinci_proto::v1::tokenizer_packer_server::TokenizerPacker;
 use davinci_proto::v1::{
     CountTokensRequest, CountTokensResponse, Job, JobRef, PackSpec, StartPackRequest,
 };
 use davinci_runtime::blob::S3Config;
+use davinci_runtime::fanout;
 use davinci_runtime::grpc::{self, ProgressStream};
 use davinci_runtime::jobs::JobRegistry;
+use davinci_runtime::queue::WorkQueue;
 use davinci_tokenize::Tokenizer;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+
+/// The topic sample shards of a shared pack job travel on.
+pub const SAMPLES_TOPIC: &str = "samples";
+/// The topic trajectory shards (`runs/{run}/trajectories/…`) of a shared pack job travel on.
+pub const TRAJECTORIES_TOPIC: &str = "trajectories";
 
 /// Limits on what one `CountTokens` call may ask for (requests are untrusted).
 pub const MAX_COUNT_TEXTS: usize = 10_000;
@@ -25,6 +36,7 @@ pub struct PackerService {
     jobs: JobRegistry,
     s3: S3Config,
     tokenizers: Mutex<HashMap<String, Arc<Tokenizer>>>,
+    queue: Option<Arc<dyn WorkQueue>>,
 }
 
 impl PackerService {
@@ -33,10 +45,17 @@ impl PackerService {
             jobs,
             s3,
             tokenizers: Mutex::new(HashMap::new()),
+            queue: None,
         }
     }
 
-    /// Loads (and keeps) the tokenizer named by a path or URI.
+    /// Jobs with a run id are shared with every replica through `samples` and `trajectories`.
+    pub fn with_queue(mut self, queue: Arc<dyn WorkQueue>) -> Self {
+        self.queue = Some(queue);
+        self
+    }
+
+    /// Loads (and keeps) the tokenizer named by a path, URI or Hub model id.
     async fn tokenizer(&self, uri: &str) -> anyhow::Result<Arc<Tokenizer>> {
         if let Some(t) = self.tokenizers.lock().expect("tokenizer cache").get(uri) {
             return Ok(t.clone());
@@ -52,21 +71,16 @@ impl PackerService {
     }
 }
 
-/// Runs one pack job described by `spec`; returns the manifest URI.
-pub async fn run_spec(
-    spec: PackSpec,
-    s3: S3Config,
-    tok: Arc<Tokenizer>,
-    cancel: Arc<AtomicBool>,
-    mut progress: impl FnMut(&pipeline::Progress) + Send + 'static,
-) -> anyhow::Result<Vec<String>> {
+/// The mixture and options of a job writing to `out`.
+pub(crate) fn job_options(
+    spec: &PackSpec,
+    out: &OutputDir,
+) -> anyhow::Result<(Mixture, PackOptions)> {
     let mixture = if spec.mixture_json.trim().is_empty() {
         Mixture::default()
     } else {
         Mixture::parse(&spec.mixture_json)?
     };
-    let inputs = storage::resolve_inputs(&spec.inputs, &s3).await?;
-    let out = OutputDir::new(&spec.out)?;
     let opts = PackOptions {
         pack: PackConfig {
             seq_len: if spec.seq_len == 0 {
@@ -78,8 +92,23 @@ pub async fn run_spec(
             ..Default::default()
         },
         tokenizer_name: spec.tokenizer.clone(),
+        data_root: out.data_root(),
         ..Default::default()
     };
+    Ok((mixture, opts))
+}
+
+/// Runs one pack job described by `spec` in this process; returns the manifest URI.
+pub async fn run_spec(
+    spec: PackSpec,
+    s3: S3Config,
+    tok: Arc<Tokenizer>,
+    cancel: Arc<AtomicBool>,
+    mut progress: impl FnMut(&pipeline::Progress) + Send + 'static,
+) -> anyhow::Result<Vec<String>> {
+    let out = OutputDir::new(&spec.out)?;
+    let (mixture, opts) = job_options(&spec, &out)?;
+    let inputs = storage::resolve_inputs(&spec.inputs, &s3).await?;
     let path = out.path().to_path_buf();
     tokio::task::spawn_blocking(move || {
         pipeline::run(
@@ -98,6 +127,29 @@ pub async fn run_spec(
         "{}/manifest.json",
         spec.out.trim_end_matches('/')
     )])
+}
+
+/// Takes `topic`'s claims of shared pack jobs until `shutdown`: each input shard is tokenized
+/// into its part in the job's work directory, then committed. Failures are retried, then
+/// dead-lettered, by the queue; the job sees them there. Returns the inputs handled.
+pub async fn worker(
+    queue: Arc<dyn WorkQueue>,
+    topic: &'static str,
+    consumer: String,
+    s3: S3Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<u64> {
+    let cache = TokenizerCache::default();
+    fanout::serve_topic(queue, topic, &consumer, s3.clone(), shutdown, |c| {
+        let (cache, s3) = (&cache, &s3);
+        async move {
+            let summary = shared::tokenize_part(&c, s3, cache).await?;
+            c.work.commit_part(&c.part, &summary).await?;
+            tracing::info!(input = %c.claim.uri, tokens = summary.tokens, "input shard tokenized");
+            Ok(())
+        }
+    })
+    .await
 }
 
 fn invalid(e: impl std::fmt::Display) -> Status {
@@ -125,10 +177,15 @@ impl TokenizerPacker for PackerService {
         .to_string();
         let s3 = self.s3.clone();
         let rt = tokio::runtime::Handle::current();
+        let fan_out = self.queue.clone().filter(|_| !req.run_id.is_empty());
+        let run_id = req.run_id.clone();
         let job = self
             .jobs
             .spawn("pack", &req.run_id, spec_json, move |handle| {
                 Box::pin(async move {
+                    if let Some(queue) = fan_out {
+                        return shared::run(spec, s3, tok, queue, run_id, handle).await;
+                    }
                     let cancel = Arc::new(AtomicBool::new(false));
                     let (flag, token) = (cancel.clone(), handle.cancel_token());
                     tokio::spawn(async move {

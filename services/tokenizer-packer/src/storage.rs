@@ -4,8 +4,10 @@
 //! directory and uploaded, `manifest.json` last (the commit point).
 use crate::pipeline::Input;
 use anyhow::Context;
-use davinci_runtime::blob::{self, S3Config};
+use bytes::Bytes;
+use davinci_runtime::blob::{self, BlobStore, S3Config};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 fn is_remote(uri: &str) -> bool {
     uri.contains("://") && !uri.starts_with("file://")
@@ -19,9 +21,42 @@ fn is_shard_name(name: &str) -> bool {
     name.ends_with(".jsonl") || name.ends_with(".jsonl.zst")
 }
 
+/// One input shard, before it is read.
+pub enum Located {
+    Local(PathBuf),
+    Remote {
+        store: Arc<dyn BlobStore>,
+        key: String,
+    },
+}
+
+impl Located {
+    /// Its URI as a worker on another machine opens it (`file://` and an absolute path for a
+    /// local file).
+    pub fn uri(&self) -> anyhow::Result<String> {
+        Ok(match self {
+            Located::Local(p) => format!("file://{}", std::path::absolute(p)?.display()),
+            Located::Remote { store, key } => store.uri(key),
+        })
+    }
+
+    pub async fn read(&self) -> anyhow::Result<Bytes> {
+        match self {
+            Located::Local(p) => Ok(tokio::fs::read(p)
+                .await
+                .with_context(|| format!("reading {}", p.display()))?
+                .into()),
+            Located::Remote { store, key } => store
+                .get(key)
+                .await
+                .with_context(|| format!("reading {}", store.uri(key))),
+        }
+    }
+}
+
 /// Each URI is a shard, or a directory/prefix whose `*.jsonl[.zst]` shards are taken in key
-/// order.
-pub async fn resolve_inputs(uris: &[String], s3: &S3Config) -> anyhow::Result<Vec<Input>> {
+/// order: the input order of a pack job, wherever it runs.
+pub async fn locate_inputs(uris: &[String], s3: &S3Config) -> anyhow::Result<Vec<Located>> {
     let mut out = Vec::new();
     for uri in uris {
         if !is_remote(uri) {
@@ -51,10 +86,10 @@ pub async fn resolve_inputs(uris: &[String], s3: &S3Config) -> anyhow::Result<Ve
                     "no *.jsonl or *.jsonl.zst shards under {}",
                     p.display()
                 );
-                out.extend(files.into_iter().map(Input::Path));
+                out.extend(files.into_iter().map(Located::Local));
             } else {
                 anyhow::ensure!(p.is_file(), "input {} does not exist", p.display());
-                out.push(Input::Path(p));
+                out.push(Located::Local(p));
             }
             continue;
         }
@@ -69,39 +104,45 @@ pub async fn resolve_inputs(uris: &[String], s3: &S3Config) -> anyhow::Result<Ve
             .filter(|k| is_shard_name(k))
             .collect();
         if !keys.is_empty() {
-            for k in keys {
-                let data = store
-                    .get(&k)
-                    .await
-                    .with_context(|| format!("reading {}", store.uri(&k)))?;
-                out.push(Input::Bytes {
-                    name: store.uri(&k),
-                    data: data.to_vec(),
-                });
-            }
+            out.extend(keys.into_iter().map(|key| Located::Remote {
+                store: store.clone(),
+                key,
+            }));
         } else {
             // A single object: open its parent and read it by name.
             let (parent, name) = uri
                 .rsplit_once('/')
                 .with_context(|| format!("`{uri}` names no object"))?;
-            let store = blob::open(parent, s3).await?;
-            let data = store
-                .get(name)
-                .await
-                .with_context(|| format!("reading {uri}"))?;
-            out.push(Input::Bytes {
-                name: uri.clone(),
-                data: data.to_vec(),
+            out.push(Located::Remote {
+                store: blob::open(parent, s3).await?,
+                key: name.to_string(),
             });
         }
     }
     Ok(out)
 }
 
-/// Bytes of a `tokenizer.json` from a local path or a storage URI.
+/// [`locate_inputs`], remote shards read into memory; local ones are streamed from disk.
+pub async fn resolve_inputs(uris: &[String], s3: &S3Config) -> anyhow::Result<Vec<Input>> {
+    let mut out = Vec::new();
+    for l in locate_inputs(uris, s3).await? {
+        out.push(match l {
+            Located::Local(p) => Input::Path(p),
+            remote => Input::Bytes {
+                name: remote.uri()?,
+                data: remote.read().await?.into(),
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Bytes of a `tokenizer.json` from a local path, a storage URI or a Hugging Face Hub model
+/// id (through the Hugging Face cache, see [`davinci_tokenize::locate`]).
 pub async fn read_tokenizer(uri: &str, s3: &S3Config) -> anyhow::Result<Vec<u8>> {
     if !is_remote(uri) {
-        let p = local_path(uri);
+        let name = uri.to_string();
+        let p = tokio::task::spawn_blocking(move || davinci_tokenize::locate(&name)).await??;
         return std::fs::read(&p).with_context(|| format!("reading tokenizer {}", p.display()));
     }
     let (parent, name) = uri
@@ -130,6 +171,14 @@ impl OutputDir {
             })
         } else {
             Ok(OutputDir::Local(local_path(uri)))
+        }
+    }
+
+    /// Where trainers find the shards: the output URI, not the staging directory.
+    pub fn data_root(&self) -> Option<String> {
+        match self {
+            OutputDir::Local(_) => None,
+            OutputDir::Staged { uri, .. } => Some(uri.trim_end_matches('/').to_string()),
         }
     }
 
