@@ -202,38 +202,51 @@ fn assert_same(a: &BTreeMap<String, Vec<u8>>, b: &BTreeMap<String, Vec<u8>>) {
     assert_eq!(manifest["drops"]["bad_utf8"], 2);
 }
 
+type Workers = Vec<(&'static str, JoinHandle<anyhow::Result<u64>>)>;
+
 /// `replicas` workers on each topic.
 fn spawn_workers(
     queue: &Arc<dyn WorkQueue>,
     s3: &S3Config,
     replicas: usize,
     stop: &CancellationToken,
-) -> Vec<JoinHandle<anyhow::Result<u64>>> {
+) -> Workers {
     let mut out = Vec::new();
     for r in 0..replicas {
         for topic in [SAMPLES_TOPIC, TRAJECTORIES_TOPIC] {
-            out.push(tokio::spawn(worker(
+            let w = worker(
                 queue.clone(),
                 topic,
                 format!("replica-{r}"),
                 s3.clone(),
                 stop.clone(),
-            )));
+            );
+            out.push((topic, tokio::spawn(w)));
         }
     }
     out
 }
 
-async fn stop_workers(
-    stop: CancellationToken,
-    workers: Vec<JoinHandle<anyhow::Result<u64>>>,
-) -> u64 {
+/// Inputs the workers handled, per topic.
+async fn stop_workers(stop: CancellationToken, workers: Workers) -> BTreeMap<&'static str, u64> {
     stop.cancel();
-    let mut handled = 0;
-    for w in workers {
-        handled += w.await.unwrap().unwrap();
+    let mut handled = BTreeMap::new();
+    for (topic, w) in workers {
+        *handled.entry(topic).or_default() += w.await.unwrap().unwrap();
     }
     handled
+}
+
+/// Every input once: the sample shards on `samples`, the trajectory shards on `trajectories`.
+fn once_each(inputs: &[(String, Vec<u8>)]) -> BTreeMap<&'static str, u64> {
+    let trajectories = inputs
+        .iter()
+        .filter(|(k, _)| k.contains("/trajectories/"))
+        .count() as u64;
+    BTreeMap::from([
+        (SAMPLES_TOPIC, inputs.len() as u64 - trajectories),
+        (TRAJECTORIES_TOPIC, trajectories),
+    ])
 }
 
 fn file_root(dir: &tempfile::TempDir) -> String {
@@ -267,8 +280,8 @@ async fn shared_job_on_a_memory_queue_writes_what_one_process_writes() {
     assert_same(&want, &got);
     assert_eq!(
         stop_workers(stop, workers).await,
-        inputs.len() as u64,
-        "every input tokenized once"
+        once_each(&inputs),
+        "every input tokenized once, on its topic"
     );
 
     // Started again (a restarted conductor), the job finds every part committed: nothing is
@@ -277,7 +290,7 @@ async fn shared_job_on_a_memory_queue_writes_what_one_process_writes() {
     let workers = spawn_workers(&queue, &s3, 1, &stop);
     succeeded(&pack(&svc, spec(&root)).await);
     assert_same(&want, &take_packed(store.as_ref()).await);
-    assert_eq!(stop_workers(stop, workers).await, 0);
+    assert_eq!(stop_workers(stop, workers).await.values().sum::<u64>(), 0);
 }
 
 /// Distributed mode for real: Redis Streams between two replicas, inputs and outputs on S3.
@@ -320,7 +333,7 @@ async fn shared_job_across_redis_and_s3_writes_what_one_process_writes() {
         PackerService::new(JobRegistry::in_memory().await, s3.clone()).with_queue(queue.clone());
     succeeded(&pack(&svc, spec(&root)).await);
     assert_same(&want, &take_packed(store.as_ref()).await);
-    assert_eq!(stop_workers(stop, workers).await, inputs.len() as u64);
+    assert_eq!(stop_workers(stop, workers).await, once_each(&inputs));
     assert_eq!(queue.backlog(SAMPLES_TOPIC).await.unwrap(), 0);
     assert_eq!(queue.backlog(TRAJECTORIES_TOPIC).await.unwrap(), 0);
 }
@@ -401,7 +414,7 @@ async fn a_worker_dying_mid_part_changes_nothing() {
     succeeded(&finish(&svc, job).await);
     assert_same(&want, &take_packed(store.as_ref()).await);
     assert!(
-        stop_workers(stop, workers).await >= inputs.len() as u64,
+        stop_workers(stop, workers).await[SAMPLES_TOPIC] >= once_each(&inputs)[SAMPLES_TOPIC],
         "the dead worker's input was handled again"
     );
 }
