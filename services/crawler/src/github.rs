@@ -760,28 +760,8 @@ impl GithubClient {
     /// at most 250 commits and 3000 files). Files come from REST because GraphQL's changed-file
     /// nodes have no previous path for renames.
     pub async fn pull_changes(&self, full_name: &str, number: u64) -> Result<PullChanges> {
+        let commits = self.pull_commits(full_name, number).await?;
         let per = self.cfg.per_page;
-        let commits = self
-            .get_all(
-                &format!("repos/{full_name}/pulls/{number}/commits?per_page={per}"),
-                0,
-            )
-            .await?
-            .iter()
-            .map(|c| ApiCommit {
-                sha: str_of(c, "sha"),
-                message: c
-                    .pointer("/commit/message")
-                    .and_then(|m| m.as_str())
-                    .unwrap_or_default()
-                    .to_string(),
-                // `author` is the GitHub account; null when the email belongs to none
-                account: c
-                    .get("author")
-                    .filter(|a| a.get("login").is_some())
-                    .map(|a| author_from(Some(a), None)),
-            })
-            .collect();
         let files = self
             .get_all(
                 &format!("repos/{full_name}/pulls/{number}/files?per_page={per}"),
@@ -803,6 +783,32 @@ impl GithubClient {
         Ok(PullChanges { commits, files })
     }
 
+    /// The PR's commits, oldest first (`GET /repos/{o}/{r}/pulls/{n}/commits`, paginated).
+    pub async fn pull_commits(&self, full_name: &str, number: u64) -> Result<Vec<ApiCommit>> {
+        let per = self.cfg.per_page;
+        Ok(self
+            .get_all(
+                &format!("repos/{full_name}/pulls/{number}/commits?per_page={per}"),
+                0,
+            )
+            .await?
+            .iter()
+            .map(|c| ApiCommit {
+                sha: str_of(c, "sha"),
+                message: c
+                    .pointer("/commit/message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                // `author` is the GitHub account; null when the email belongs to none
+                account: c
+                    .get("author")
+                    .filter(|a| a.get("login").is_some())
+                    .map(|a| author_from(Some(a), None)),
+            })
+            .collect())
+    }
+
     /// Whether the API says PR `number` was merged, and if so where it landed (merge commit,
     /// head) and its commits' subjects: what finds a PR in history when no commit message
     /// names it (rebase merges, edited squash subjects).
@@ -817,7 +823,7 @@ impl GithubClient {
         let Some(merged_at) = b.get("merged_at").and_then(|m| m.as_str()) else {
             return Ok(PullState::NotMerged);
         };
-        let changes = self.pull_changes(full_name, number).await?;
+        let commits = self.pull_commits(full_name, number).await?;
         Ok(PullState::Merged(ApiPull {
             number,
             merge_commit_sha: str_of(b, "merge_commit_sha"),
@@ -828,8 +834,7 @@ impl GithubClient {
             title: str_of(b, "title"),
             body: str_of(b, "body"),
             merged_at: merged_at.to_string(),
-            commit_subjects: changes
-                .commits
+            commit_subjects: commits
                 .iter()
                 .map(|c| c.message.lines().next().unwrap_or_default().to_string())
                 .collect(),
