@@ -99,7 +99,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let counter: TokenCounter = match &args.tokenizer {
         Some(p) => {
-            let tok = davinci_tokenize::Tokenizer::from_file(p)
+            let tok = davinci_tokenize::Tokenizer::load(&p.to_string_lossy())
                 .with_context(|| format!("loading tokenizer {}", p.display()))?;
             Arc::new(move |s: &str| tok.count_tokens(s).unwrap_or(usize::MAX))
         }

@@ -57,8 +57,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(t) = &args.tokenizer {
         spec.tokenizer = t.clone();
     }
-    // Relative tokenizer paths are relative to where the command runs.
-    if !spec.tokenizer.contains("://") && !spec.tokenizer.starts_with('/') {
+    // Relative tokenizer paths are relative to where the command runs (Hub model ids stay).
+    let hub_id = davinci_tokenize::hub::HubRepo::parse(&spec.tokenizer).is_some()
+        && !std::path::Path::new(&spec.tokenizer).exists();
+    if !hub_id && !spec.tokenizer.contains("://") && !spec.tokenizer.starts_with('/') {
         spec.tokenizer = std::env::current_dir()?
             .join(&spec.tokenizer)
             .display()
@@ -78,6 +80,46 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let addr = format!("http://{}", listener.local_addr()?);
     let s3 = S3Config::default();
     let jobs = JobRegistry::in_memory().await;
+    // Stage jobs are shared by in-process workers over an in-process queue: the same code a
+    // distributed run uses, with one worker per core.
+    let queue: std::sync::Arc<dyn davinci_runtime::queue::WorkQueue> =
+        std::sync::Arc::new(davinci_runtime::queue::MemoryQueue::new(Default::default()));
+    let stop_workers = tokio_util::sync::CancellationToken::new();
+    let mut workers = tokio::task::JoinSet::new();
+    let tokenizer: davinci_reconstructor::serve::TokenizerLoader =
+        std::sync::Arc::new(crate::serve::tokenizer_counter);
+    for w in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        let crawl = davinci_crawler::serve::worker(
+            queue.clone(),
+            davinci_crawler::pipeline::CrawlConfig::new(""),
+            None,
+            format!("crawler-{w}"),
+            s3.clone(),
+            stop_workers.clone(),
+        );
+        workers.spawn(async move { crawl.await.map(|_| ()) });
+        workers.spawn(davinci_reconstructor::serve::worker(
+            queue.clone(),
+            Default::default(),
+            tokenizer.clone(),
+            format!("reconstructor-{w}"),
+            s3.clone(),
+            stop_workers.clone(),
+        ));
+        for topic in [
+            davinci_tokenizer_packer::serve::SAMPLES_TOPIC,
+            davinci_tokenizer_packer::serve::TRAJECTORIES_TOPIC,
+        ] {
+            let work = davinci_tokenizer_packer::serve::worker(
+                queue.clone(),
+                topic,
+                format!("packer-{w}"),
+                s3.clone(),
+                stop_workers.clone(),
+            );
+            workers.spawn(async move { work.await.map(|_| ()) });
+        }
+    }
     let routes = tonic::service::Routes::default()
         .add_service(davinci_proto::v1::crawler_server::CrawlerServer::new(
             davinci_crawler::serve::CrawlerService::new(
@@ -85,7 +127,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 s3.clone(),
                 davinci_crawler::pipeline::CrawlConfig::new(""),
                 None,
-            ),
+            )
+            .with_queue(queue.clone()),
         ))
         .add_service(
             davinci_proto::v1::reconstructor_server::ReconstructorServer::new(
@@ -93,13 +136,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     jobs: jobs.clone(),
                     base: Default::default(),
                     s3: s3.clone(),
-                    tokenizer: std::sync::Arc::new(crate::serve::tokenizer_counter),
+                    tokenizer,
+                    queue: Some(queue.clone()),
                 },
             ),
         )
         .add_service(
             davinci_proto::v1::tokenizer_packer_server::TokenizerPackerServer::new(
-                davinci_tokenizer_packer::serve::PackerService::new(jobs.clone(), s3.clone()),
+                davinci_tokenizer_packer::serve::PackerService::new(jobs.clone(), s3.clone())
+                    .with_queue(queue.clone()),
             ),
         );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -183,6 +228,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await;
     let _ = stop_tx.send(());
     let _ = server.await;
+    stop_workers.cancel();
+    while let Some(r) = workers.join_next().await {
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %format!("{e:#}"), "stage worker failed");
+        }
+    }
     let stages = result?;
     let store = blob::open(&root, &s3).await?;
     print_summary(

@@ -136,39 +136,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 Target::Trainer => routes
                     .add_service(davinci_trainer::serve::TrainerService::new(jobs).into_server()),
                 Target::Crawler => {
-                    let (q, s3, stop) = (
+                    let work = davinci_crawler::serve::worker(
                         ctx.queue.clone(),
+                        davinci_crawler::pipeline::CrawlConfig::new(""),
+                        None,
+                        consumer.clone(),
                         ctx.settings.storage.s3.clone(),
                         stop.clone(),
                     );
-                    let consumer = consumer.clone();
-                    workers.spawn(async move {
-                        davinci_crawler::serve::run_repo_worker(
-                            q,
-                            &consumer,
-                            s3,
-                            davinci_crawler::pipeline::CrawlConfig::new(""),
-                            stop,
-                        )
-                        .await
-                        .map(|_| ())
-                    });
+                    workers.spawn(async move { work.await.map(|_| ()) });
                     routes.add_service(davinci_proto::v1::crawler_server::CrawlerServer::new(
                         davinci_crawler::serve::CrawlerService::new(
                             jobs,
                             ctx.settings.storage.s3.clone(),
                             davinci_crawler::pipeline::CrawlConfig::new(""),
                             None,
-                        ),
+                        )
+                        .with_queue(ctx.queue.clone()),
                     ))
                 }
                 Target::Reconstructor => {
+                    let tokenizer: davinci_reconstructor::serve::TokenizerLoader =
+                        std::sync::Arc::new(tokenizer_counter);
                     workers.spawn(davinci_reconstructor::serve::worker(
-                        ctx.store.clone(),
                         ctx.queue.clone(),
                         Default::default(),
-                        tokenizer_counter(None)?,
+                        tokenizer.clone(),
                         consumer.clone(),
+                        ctx.settings.storage.s3.clone(),
                         stop.clone(),
                     ));
                     routes.add_service(
@@ -177,19 +172,36 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                                 jobs,
                                 base: Default::default(),
                                 s3: ctx.settings.storage.s3.clone(),
-                                tokenizer: std::sync::Arc::new(tokenizer_counter),
+                                tokenizer,
+                                queue: Some(ctx.queue.clone()),
                             },
                         ),
                     )
                 }
-                Target::TokenizerPacker => routes.add_service(
-                    davinci_proto::v1::tokenizer_packer_server::TokenizerPackerServer::new(
-                        davinci_tokenizer_packer::serve::PackerService::new(
-                            jobs,
+                Target::TokenizerPacker => {
+                    for topic in [
+                        davinci_tokenizer_packer::serve::SAMPLES_TOPIC,
+                        davinci_tokenizer_packer::serve::TRAJECTORIES_TOPIC,
+                    ] {
+                        let work = davinci_tokenizer_packer::serve::worker(
+                            ctx.queue.clone(),
+                            topic,
+                            consumer.clone(),
                             ctx.settings.storage.s3.clone(),
+                            stop.clone(),
+                        );
+                        workers.spawn(async move { work.await.map(|_| ()) });
+                    }
+                    routes.add_service(
+                        davinci_proto::v1::tokenizer_packer_server::TokenizerPackerServer::new(
+                            davinci_tokenizer_packer::serve::PackerService::new(
+                                jobs,
+                                ctx.settings.storage.s3.clone(),
+                            )
+                            .with_queue(ctx.queue.clone()),
                         ),
-                    ),
-                ),
+                    )
+                }
                 Target::Evaluator => {
                     routes.add_service(davinci_proto::v1::evaluator_server::EvaluatorServer::new(
                         davinci_evaluator::serve::EvaluatorService::new(
@@ -238,7 +250,7 @@ pub fn tokenizer_counter(
 ) -> anyhow::Result<davinci_reconstructor::TokenCounter> {
     match path.filter(|p| !p.is_empty()) {
         Some(p) => {
-            let tok = davinci_tokenize::Tokenizer::from_file(p)
+            let tok = davinci_tokenize::Tokenizer::load(p)
                 .with_context(|| format!("loading tokenizer {p}"))?;
             Ok(std::sync::Arc::new(move |s: &str| {
                 tok.count_tokens(s).unwrap_or(usize::MAX)

@@ -1,6 +1,8 @@
 //! `davinci run` end to end on a fixture repository built here, and the same spec through a
 //! separate `davinci serve --target all` process driven by `davinci runs submit`: both write
 //! the same samples and shards.
+mod common;
+use common::http_get;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -365,6 +367,16 @@ impl Drop for Proc {
 
 /// `davinci serve --target {target}` on `addr` with `DAVINCI__{key}` settings, once it listens.
 fn serve(target: &str, addr: &str, settings: &[(&str, String)]) -> Proc {
+    serve_with_metrics(target, addr, "", settings)
+}
+
+/// [`serve`] with Prometheus metrics on `metrics` ("" for none).
+fn serve_with_metrics(
+    target: &str,
+    addr: &str,
+    metrics: &str,
+    settings: &[(&str, String)],
+) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_davinci"));
     cmd.args([
         "serve",
@@ -373,7 +385,7 @@ fn serve(target: &str, addr: &str, settings: &[(&str, String)]) -> Proc {
         "--listen",
         addr,
         "--metrics-listen",
-        "",
+        metrics,
     ])
     .stdout(Stdio::null())
     .stderr(Stdio::null());
@@ -414,10 +426,16 @@ async fn chaos_killed_reconstructor_and_packer_lose_and_duplicate_nothing() {
     let shared = [
         ("QUEUE__URL", redis.url()),
         ("STORAGE__URI", format!("file://{}", store.display())),
+        // A killed worker's items go to another worker after this long.
+        ("QUEUE__VISIBILITY_TIMEOUT_S", "3".into()),
     ];
     let _crawler = serve("crawler", &c_addr, &shared);
     let mut recon = serve("reconstructor", &r_addr, &shared);
     let mut packer = serve("tokenizer-packer", &p_addr, &shared);
+    // A second replica of each stage, which the conductor does not know: it takes a share of
+    // the work from the queue.
+    let metrics = port();
+    let _replica = serve_with_metrics("reconstructor,tokenizer-packer", &port(), &metrics, &shared);
     let mut conductor_settings = shared.to_vec();
     conductor_settings.extend([
         ("SERVICES__CRAWLER", format!("http://{c_addr}")),
@@ -505,6 +523,28 @@ async fn chaos_killed_reconstructor_and_packer_lose_and_duplicate_nothing() {
         "the same objects, none lost, none extra"
     );
     assert_eq!(want, got, "the same bytes");
+    // The replica the conductor never called did part of both stages.
+    let scraped = http_get(&metrics, "/metrics");
+    for topic in ["prs", "samples"] {
+        let acked = metric(
+            &scraped,
+            &format!("davinci_queue_acked_total{{topic=\"{topic}\"}}"),
+        );
+        assert!(
+            acked >= 1.0,
+            "the second replica took no `{topic}` items:\n{scraped}"
+        );
+    }
+}
+
+/// The value of the Prometheus sample `name` (with its labels), 0 when absent.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .map(|v| v.trim().parse().unwrap_or(0.0))
+        })
+        .unwrap_or(0.0)
 }
 
 /// A minimal GitHub search API: answers `/search/repositories` with three repositories, of

@@ -3,7 +3,8 @@
 use davinci_proto::v1::rollout_client::RolloutClient;
 use davinci_proto::v1::trainer_client::TrainerClient;
 use davinci_proto::v1::{JobRef, RolloutSpec, StartRolloutRequest};
-use std::io::{Read, Write};
+mod common;
+use common::http_get;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic_health::pb::HealthCheckRequest;
@@ -63,18 +64,6 @@ async fn channel(s: &Server) -> tonic::transport::Channel {
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[tokio::test]

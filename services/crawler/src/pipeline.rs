@@ -18,16 +18,12 @@ use anyhow::{Context, Result, anyhow};
 use bytes::Bytes;
 use davinci_core::pr::PullRequest;
 use davinci_runtime::blob::{BlobError, BlobStore};
-use davinci_runtime::queue::{ClaimCheck, WorkQueue};
 use davinci_runtime::shard;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-/// Queue topic shards are announced on.
-pub const PRS_TOPIC: &str = "prs";
 
 #[derive(Debug, Clone)]
 pub struct CrawlConfig {
@@ -181,7 +177,6 @@ pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
 #[derive(Clone)]
 pub struct Sinks {
     pub store: Arc<dyn BlobStore>,
-    pub queue: Option<Arc<dyn WorkQueue>>,
     pub events: Option<EventSink>,
     /// Set to stop at the next PR; nothing after that point is written.
     pub cancel: Arc<AtomicBool>,
@@ -196,7 +191,6 @@ impl Sinks {
     pub fn new(store: Arc<dyn BlobStore>) -> Self {
         Self {
             store,
-            queue: None,
             events: None,
             cancel: Arc::new(AtomicBool::new(false)),
             github: None,
@@ -567,7 +561,7 @@ async fn complete(
     Ok(Ok((pr, check.mismatched())))
 }
 
-/// Writes the buffered records as one shard (if any), announces it, then the checkpoint.
+/// Writes the buffered records as one shard (if any), then the checkpoint.
 /// The shard goes first: a crash between the two rewrites the same object on resume.
 async fn flush(
     cfg: &CrawlConfig,
@@ -593,21 +587,6 @@ async fn flush(
             first_number: buffer.first().map(|p| p.number).unwrap_or(0),
             last_number: buffer.last().map(|p| p.number).unwrap_or(0),
         };
-        if let Some(q) = &sinks.queue {
-            let msg = ClaimCheck {
-                run_id: cfg.run_id.clone(),
-                topic: PRS_TOPIC.into(),
-                uri: sinks.store.uri(&key),
-                sha256: enc.sha256.clone(),
-                records: enc.records as u64,
-                traceparent: None,
-                work: None,
-                part: None,
-            };
-            q.publish(PRS_TOPIC, &serde_json::to_vec(&msg)?)
-                .await
-                .context("announcing shard on the prs queue")?;
-        }
         sinks.emit(Event::ShardWritten {
             key,
             records: info.records,

@@ -3,11 +3,10 @@
 //! * [`CrawlerService`]: the `Crawler` gRPC service (Start / Get / Watch / Cancel) over the
 //!   runtime job registry; a job crawls its spec's repositories, GH Archive hours and
 //!   discovered repositories in this process ([`sources::crawl`], as `davinci crawl` does).
-//! * [`run_repo_worker`]: a queue worker on the [`REPO_TOPIC`] topic, one message per
-//!   repository ([`RepoTask`]), so every replica takes its share of one crawl. A worker that
-//!   dies mid-repository leaves its checkpoint; the redelivered task resumes from it. After each
-//!   repository the worker rewrites `stats/crawl.json` from all checkpoints of the run
-//!   ([`write_stats_from_checkpoints`]), so the file is complete once the last repository is.
+//! * [`worker`]: a queue worker on the [`REPO_TOPIC`] topic. A job of a run on a service with a
+//!   queue is shared by every replica ([`davinci_runtime::fanout`]): one item per repository,
+//!   each crawled by whichever worker takes it; a worker that dies mid-repository leaves its
+//!   checkpoint, and the redelivered item resumes from it.
 use crate::filter::Subset;
 use crate::github::{Discovery, GithubClient, GithubConfig};
 use crate::httpcache::BlobCache;
@@ -16,14 +15,17 @@ use crate::sources::{self, Inputs};
 use davinci_proto::v1::crawler_server::Crawler as CrawlerRpc;
 use davinci_proto::v1::{CrawlSpec, Job, JobRef, ProgressEvent, StartCrawlRequest};
 use davinci_runtime::blob::{self, BlobStore, S3Config};
+use davinci_runtime::fanout::{self, Claimed, Item, WaitOptions, Work};
 use davinci_runtime::jobs::{JobHandle, JobRegistry};
-use davinci_runtime::queue::WorkQueue;
+use davinci_runtime::queue::{ClaimCheck, WorkQueue};
+use davinci_runtime::shard;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 /// Queue topic of per-repository crawl tasks.
@@ -122,6 +124,7 @@ pub struct CrawlerService {
     s3: S3Config,
     base: CrawlConfig,
     github: Option<Arc<GithubClient>>,
+    queue: Option<Arc<dyn WorkQueue>>,
 }
 
 impl CrawlerService {
@@ -139,34 +142,41 @@ impl CrawlerService {
             s3,
             base,
             github,
+            queue: None,
         }
     }
 
-    /// The client for a spec: one for `github_api_url` (its ETags kept beside the run's
-    /// output, in `cache/github/`), else the server's.
-    fn client_for(
-        &self,
-        spec: &CrawlSpec,
-        store: &Arc<dyn BlobStore>,
-    ) -> Result<Arc<GithubClient>, Status> {
-        if spec.github_api_url.is_empty() {
-            return self.github.clone().ok_or_else(|| {
-                Status::failed_precondition(
-                    "this crawler has no GitHub client configured (needed for `github` and discovery); set spec.github_api_url",
-                )
-            });
-        }
-        let gh_cfg = GithubConfig {
-            api_url: spec.github_api_url.clone(),
-            ..Default::default()
-        };
-        let budget = Arc::new(crate::budget::MemoryBudget::default());
-        let client = GithubClient::new(gh_cfg, GithubClient::tokens_from_env(), budget)
-            .map_err(|e| Status::invalid_argument(format!("spec.github_api_url: {e:#}")))?;
-        Ok(Arc::new(
-            client.with_cache(Arc::new(BlobCache::new(store.clone()))),
-        ))
+    /// Jobs of a run are shared with every replica through [`REPO_TOPIC`].
+    pub fn with_queue(mut self, queue: Arc<dyn WorkQueue>) -> Self {
+        self.queue = Some(queue);
+        self
     }
+}
+
+/// The client for a spec: one for `github_api_url` (its ETags kept beside the run's output,
+/// in `cache/github/`), else the server's.
+fn client_for(
+    server: Option<Arc<GithubClient>>,
+    spec: &CrawlSpec,
+    store: &Arc<dyn BlobStore>,
+) -> Result<Arc<GithubClient>, Status> {
+    if spec.github_api_url.is_empty() {
+        return server.ok_or_else(|| {
+            Status::failed_precondition(
+                "this crawler has no GitHub client configured (needed for `github` and discovery); set spec.github_api_url",
+            )
+        });
+    }
+    let gh_cfg = GithubConfig {
+        api_url: spec.github_api_url.clone(),
+        ..Default::default()
+    };
+    let budget = Arc::new(crate::budget::MemoryBudget::default());
+    let client = GithubClient::new(gh_cfg, GithubClient::tokens_from_env(), budget)
+        .map_err(|e| Status::invalid_argument(format!("spec.github_api_url: {e:#}")))?;
+    Ok(Arc::new(
+        client.with_cache(Arc::new(BlobCache::new(store.clone()))),
+    ))
 }
 
 fn job_id(r: Request<JobRef>) -> Result<String, Status> {
@@ -264,7 +274,7 @@ impl CrawlerRpc for CrawlerService {
             .await
             .map_err(|e| Status::invalid_argument(format!("spec.out: {e}")))?;
         let api = if spec.github || inputs.discovery.is_some() {
-            Some(self.client_for(&spec, &store)?)
+            Some(client_for(self.github.clone(), &spec, &store)?)
         } else {
             None
         };
@@ -277,11 +287,18 @@ impl CrawlerRpc for CrawlerService {
         })
         .to_string();
         let (s3, enrich) = (self.s3.clone(), spec.github);
+        let shared = self.queue.clone().filter(|_| !req.run_id.is_empty());
         let job = self
             .jobs
-            .spawn("crawl", &cfg.run_id.clone(), spec_json, move |handle| {
-                Box::pin(run_job(handle, cfg, inputs, store, api, enrich, s3))
-            })
+            .spawn(
+                "crawl",
+                &cfg.run_id.clone(),
+                spec_json,
+                move |handle| match shared {
+                    Some(q) => Box::pin(run_shared(handle, cfg, inputs, spec, store, api, q, s3)),
+                    None => Box::pin(run_job(handle, cfg, inputs, store, api, enrich, s3)),
+                },
+            )
             .await?;
         Ok(Response::new(job))
     }
@@ -306,141 +323,231 @@ impl CrawlerRpc for CrawlerService {
     }
 }
 
-/// One repository of a distributed crawl (the queue message; small, no payload).
+/// What crawl workers need of a shared job; stored in its work directory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RepoTask {
+pub struct CrawlWork {
     pub run_id: String,
-    /// Storage root the run writes to.
     pub out: String,
-    pub source: String,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub only: Option<Vec<u64>>,
-    #[serde(default)]
-    pub subset: Subset,
-    /// `None`: the worker's default exclusion list.
-    #[serde(default)]
-    pub exclude_repos: Option<Vec<String>>,
-    #[serde(default)]
-    pub max_prs_per_repo: usize,
+    pub subset: String,
+    pub exclude_repos: Vec<String>,
+    pub bot_logins: Vec<String>,
+    pub max_prs_per_repo: u32,
+    pub github: bool,
+    pub github_api_url: String,
+    /// The repositories, by part name.
+    pub repos: BTreeMap<String, RepoEntry>,
 }
 
-/// Publishes one task per repository of `spec` on [`REPO_TOPIC`].
-pub async fn publish_repo_tasks(
-    queue: &dyn WorkQueue,
-    run_id: &str,
-    spec: &CrawlSpec,
-) -> anyhow::Result<usize> {
-    let subset: Subset = spec
-        .subset
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))?;
-    for r in &spec.repos {
-        let task = RepoTask {
+/// One repository of a shared crawl.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoEntry {
+    pub source: String,
+    pub name: Option<String>,
+    pub only: Option<BTreeSet<u64>>,
+}
+
+impl CrawlWork {
+    fn of(run_id: &str, spec: &CrawlSpec) -> Self {
+        Self {
             run_id: run_id.to_string(),
             out: spec.out.clone(),
-            source: r.clone(),
-            name: None,
-            only: None,
-            subset,
-            exclude_repos: (!spec.exclude_repos.is_empty()).then(|| spec.exclude_repos.clone()),
-            max_prs_per_repo: spec.max_prs_per_repo as usize,
-        };
-        queue
-            .publish(REPO_TOPIC, &serde_json::to_vec(&task)?)
-            .await?;
+            subset: spec.subset.clone(),
+            exclude_repos: spec.exclude_repos.clone(),
+            bot_logins: spec.bot_logins.clone(),
+            max_prs_per_repo: spec.max_prs_per_repo,
+            github: spec.github,
+            github_api_url: spec.github_api_url.clone(),
+            repos: BTreeMap::new(),
+        }
     }
-    Ok(spec.repos.len())
+
+    /// The spec of a one-repository crawl of `source` under this job's settings.
+    fn spec_for(&self, source: &str) -> CrawlSpec {
+        CrawlSpec {
+            repos: vec![source.to_string()],
+            out: self.out.clone(),
+            subset: self.subset.clone(),
+            exclude_repos: self.exclude_repos.clone(),
+            bot_logins: self.bot_logins.clone(),
+            max_prs_per_repo: self.max_prs_per_repo,
+            github: self.github,
+            github_api_url: self.github_api_url.clone(),
+            ..Default::default()
+        }
+    }
 }
 
-/// Totals over every repository checkpoint of `run` (complete or not), written as
-/// `stats/crawl.json`. Idempotent: any worker may call it at any time.
-pub async fn write_stats_from_checkpoints(
-    store: &dyn BlobStore,
-    run: &str,
-) -> anyhow::Result<CrawlStats> {
-    let mut stats = CrawlStats {
-        stage: "crawl".into(),
-        run_id: run.to_string(),
+/// A crawl shared by every replica: resolves the inputs here, then announces one item per
+/// repository on [`REPO_TOPIC`]; workers crawl them and commit each repository's final
+/// checkpoint as its part. The stats are then assembled in input order, so they (and the
+/// shards, which are per repository) are those of a one-process crawl. A repository that
+/// fails its attempts is reported in `failed_repos`, as in a one-process crawl.
+#[allow(clippy::too_many_arguments)]
+async fn run_shared(
+    handle: JobHandle,
+    cfg: CrawlConfig,
+    inputs: Inputs,
+    spec: CrawlSpec,
+    store: Arc<dyn BlobStore>,
+    api: Option<Arc<GithubClient>>,
+    queue: Arc<dyn WorkQueue>,
+    s3: S3Config,
+) -> anyhow::Result<Vec<String>> {
+    let sinks = Sinks::new(store.clone());
+    let resolved = sources::resolve(&cfg, &inputs, api.as_deref(), &s3, &sinks).await?;
+    let mut work_spec = CrawlWork::of(&cfg.run_id, &spec);
+    let mut items = Vec::new();
+    for r in &resolved.repos {
+        let entry = RepoEntry {
+            source: r.source.clone(),
+            name: r.name.clone(),
+            only: r.only.clone(),
+        };
+        let part = shard::sha256_hex(&serde_json::to_vec(&entry)?)[..16].to_string();
+        if work_spec.repos.insert(part.clone(), entry).is_some() {
+            continue; // named twice alike: crawled once
+        }
+        items.push(Item {
+            part,
+            claim: ClaimCheck {
+                run_id: cfg.run_id.clone(),
+                topic: REPO_TOPIC.into(),
+                uri: r.source.clone(),
+                sha256: String::new(),
+                records: r.only.as_ref().map_or(0, |o| o.len() as u64),
+                traceparent: davinci_runtime::telemetry::current_traceparent(),
+                work: None,
+                part: None,
+            },
+        });
+    }
+    let work = Work::open(
+        &Work::dir_uri(&spec.out, &cfg.run_id, "crawl", &work_spec),
+        &s3,
+    )
+    .await?;
+    work.put_spec(&work_spec).await?;
+    let total = items.len() as u64;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let h = handle.clone();
+    let reporter = tokio::spawn(async move {
+        while let Some(done) = rx.recv().await {
+            h.progress(done, total, "repositories").await;
+        }
+    });
+    let opts = WaitOptions {
+        fail_on_dead_letter: false,
         ..Default::default()
     };
-    for m in store
-        .list(&format!("runs/{run}/crawl/checkpoints/"))
-        .await?
-    {
-        let cp: RepoCheckpoint = serde_json::from_slice(&store.get(&m.key).await?)?;
-        stats.add_repo(cp);
+    let failed = fanout::distribute(
+        queue.as_ref(),
+        REPO_TOPIC,
+        &work,
+        &items,
+        &handle.cancel_token(),
+        &opts,
+        |done, _| {
+            let _ = tx.send(done);
+        },
+    )
+    .await;
+    drop(tx);
+    let _ = reporter.await;
+    let failed = failed?;
+
+    let mut stats = CrawlStats {
+        stage: "crawl".into(),
+        run_id: cfg.run_id.clone(),
+        gharchive: resolved.gharchive,
+        discovered: resolved.discovered,
+        ..Default::default()
+    };
+    for it in &items {
+        match work.part::<RepoCheckpoint>(&it.part).await? {
+            Some(cp) => stats.add_repo(cp),
+            None => {
+                let error = failed
+                    .iter()
+                    .find(|f| f.part == it.part)
+                    .map_or_else(|| "no checkpoint".to_string(), |f| f.error.clone());
+                stats.failed_repos.insert(it.claim.uri.clone(), error);
+            }
+        }
     }
-    store
-        .put(
-            &pipeline::stats_key(run),
-            serde_json::to_vec_pretty(&stats)?.into(),
-        )
-        .await?;
-    Ok(stats)
+    handle.count("records_out", stats.totals.out).await;
+    for (why, n) in &stats.totals.drops {
+        handle.count(&format!("drop.{why}"), *n).await;
+    }
+    handle.count("shards", stats.shards.len() as u64).await;
+    handle.count("repos_done", stats.repos.len() as u64).await;
+    if !stats.failed_repos.is_empty() {
+        handle
+            .count("repos_failed", stats.failed_repos.len() as u64)
+            .await;
+    }
+    pipeline::write_stats(&sinks, &stats).await?;
+    if !stats.failed_repos.is_empty() && stats.repos.is_empty() {
+        anyhow::bail!("every repository failed: {:?}", stats.failed_repos);
+    }
+    let mut outputs: Vec<String> = stats.shards.iter().map(|s| store.uri(&s.key)).collect();
+    outputs.push(store.uri(&pipeline::stats_key(&cfg.run_id)));
+    Ok(outputs)
 }
 
-/// Takes repository tasks from [`REPO_TOPIC`] until `shutdown`; each is crawled from its
-/// checkpoint, then acked. A failure is nacked with the error (retried after 30 s, then
-/// dead-lettered by the queue after its last attempt).
-pub async fn run_repo_worker(
-    queue: Arc<dyn WorkQueue>,
-    consumer: &str,
-    s3: S3Config,
-    base: CrawlConfig,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<u64> {
-    let mut done = 0u64;
-    while !shutdown.is_cancelled() {
-        let received = tokio::select! {
-            r = queue.receive(REPO_TOPIC, consumer, Duration::from_secs(2)) => r?,
-            _ = shutdown.cancelled() => break,
-        };
-        let Some(d) = received else { continue };
-        let outcome: anyhow::Result<()> = async {
-            let task: RepoTask = serde_json::from_slice(&d.payload)
-                .map_err(|e| anyhow::anyhow!("bad repo task: {e}"))?;
-            let store = blob::open(&task.out, &s3).await?;
-            let mut cfg = base.clone();
-            cfg.run_id = task.run_id.clone();
-            cfg.filter.subset = task.subset;
-            if let Some(ex) = &task.exclude_repos {
-                cfg.filter.exclude_repos = ex.iter().cloned().collect();
-            }
-            cfg.max_prs_per_repo = task.max_prs_per_repo;
-            let spec = RepoSpec {
-                source: task.source.clone(),
-                name: task.name.clone(),
-                only: task.only.as_ref().map(|o| o.iter().copied().collect()),
-            };
-            let mut sinks = Sinks::new(store.clone());
-            sinks.queue = Some(queue.clone()); // shards are announced on `prs`
-            let stop = sinks.cancel.clone();
-            let sd = shutdown.clone();
-            let watcher = tokio::spawn(async move {
-                sd.cancelled().await;
-                stop.store(true, Ordering::SeqCst);
-            });
-            let r = pipeline::crawl_one(&cfg, &spec, &sinks).await;
-            watcher.abort();
-            r?;
-            write_stats_from_checkpoints(store.as_ref(), &cfg.run_id).await?;
-            Ok(())
-        }
-        .await;
-        match outcome {
-            Ok(()) => {
-                queue.ack(&d).await?;
-                done += 1;
-            }
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), attempt = d.attempt, "repository crawl failed");
-                queue
-                    .nack(&d, &format!("{e:#}"), Some(Duration::from_secs(30)))
-                    .await?;
-            }
-        }
+/// Crawls one claimed repository and commits its final checkpoint as the part.
+async fn crawl_part(
+    c: Claimed,
+    base: &CrawlConfig,
+    github: Option<Arc<GithubClient>>,
+    s3: &S3Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let w: CrawlWork = c.work.spec().await?;
+    let entry = w
+        .repos
+        .get(&c.part)
+        .ok_or_else(|| anyhow::anyhow!("{}: no repository {} in the job", c.work.uri, c.part))?;
+    let spec = w.spec_for(&entry.source);
+    let (cfg, _) =
+        config_from_spec(base, &w.run_id, &spec).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    let store = blob::open(&w.out, s3).await?;
+    let mut sinks = Sinks::new(store.clone());
+    if w.github {
+        sinks.github = Some(
+            client_for(github, &spec, &store).map_err(|e| anyhow::anyhow!("{}", e.message()))?,
+        );
     }
-    Ok(done)
+    let stop = sinks.cancel.clone();
+    let sd = shutdown.clone();
+    let watcher = tokio::spawn(async move {
+        sd.cancelled().await;
+        stop.store(true, Ordering::SeqCst);
+    });
+    let repo = RepoSpec {
+        source: entry.source.clone(),
+        name: entry.name.clone(),
+        only: entry.only.clone(),
+    };
+    let r = pipeline::crawl_one(&cfg, &repo, &sinks).await;
+    watcher.abort();
+    let cp = r?;
+    c.work.commit_part(&c.part, &cp).await
+}
+
+/// Takes [`REPO_TOPIC`] items of shared crawls until `shutdown`: each repository is crawled
+/// from its checkpoint (a worker killed mid-repository leaves one; the redelivered item resumes
+/// from it). `github`: the server's client, for jobs that ask for the API without naming one.
+pub async fn worker(
+    queue: Arc<dyn WorkQueue>,
+    base: CrawlConfig,
+    github: Option<Arc<GithubClient>>,
+    consumer: String,
+    s3: S3Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<u64> {
+    let sd = shutdown.clone();
+    fanout::serve_topic(queue, REPO_TOPIC, &consumer, s3.clone(), shutdown, |c| {
+        crawl_part(c, &base, github.clone(), &s3, &sd)
+    })
+    .await
 }

@@ -148,68 +148,140 @@ async fn grpc_start_watch_get_and_refuse_bad_specs() {
     );
 }
 
+/// Every file under `dir/runs/{run}` except the shared job's scratch space.
+fn run_files(dir: &Path, run: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let base = dir.join("runs").join(run);
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![base.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(&base).unwrap().display().to_string();
+            if rel.starts_with("work") || rel.starts_with("crawl/checkpoints") {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+async fn crawl_to_end(svc: &CrawlerService, run: &str, spec: CrawlSpec) -> davinci_proto::v1::Job {
+    let job = svc
+        .start_crawl(Request::new(StartCrawlRequest {
+            run_id: run.into(),
+            spec: Some(spec),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..600 {
+        let j = svc
+            .get_crawl(Request::new(JobRef {
+                job_id: job.job_id.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        if j.state == JobState::Succeeded as i32 || j.state == JobState::Failed as i32 {
+            return j;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("crawl {run} did not end");
+}
+
 #[tokio::test]
-async fn queue_workers_share_a_crawl_by_repository() {
+async fn replicas_share_a_crawl_by_repository() {
     let (r1, r2) = (tiny_repo("acme/one"), tiny_repo("acme/two"));
     let out = tempfile::tempdir().unwrap();
-    let queue: Arc<dyn WorkQueue> = Arc::new(MemoryQueue::new(QueueOptions::default()));
     let spec = CrawlSpec {
         repos: vec![
             r1.path().display().to_string(),
             r2.path().display().to_string(),
+            "/nonexistent/repository".into(),
         ],
         out: format!("file://{}", out.path().display()),
         ..Default::default()
     };
-    assert_eq!(
-        serve::publish_repo_tasks(queue.as_ref(), "q1", &spec)
-            .await
-            .unwrap(),
-        2
+    let one = CrawlerService::new(
+        JobRegistry::in_memory().await,
+        S3Config::default(),
+        CrawlConfig::new("x"),
+        None,
     );
+    let j = crawl_to_end(&one, "alone", spec.clone()).await;
+    assert_eq!(j.state, JobState::Succeeded as i32, "{}", j.error);
+
+    let queue: Arc<dyn WorkQueue> = Arc::new(MemoryQueue::new(QueueOptions {
+        max_attempts: 2,
+        ..Default::default()
+    }));
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let mut workers = Vec::new();
-    for c in ["w1", "w2"] {
-        let (q, sd) = (queue.clone(), shutdown.clone());
-        workers.push(tokio::spawn(async move {
-            serve::run_repo_worker(q, c, S3Config::default(), CrawlConfig::new("unused"), sd).await
-        }));
-    }
-    for _ in 0..100 {
-        if queue.backlog(REPO_TOPIC).await.unwrap() == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let workers: Vec<_> = ["w1", "w2"]
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(serve::worker(
+                queue.clone(),
+                CrawlConfig::new("unused"),
+                None,
+                c.into(),
+                S3Config::default(),
+                shutdown.clone(),
+            ))
+        })
+        .collect();
+    let shared = CrawlerService::new(
+        JobRegistry::in_memory().await,
+        S3Config::default(),
+        CrawlConfig::new("x"),
+        None,
+    )
+    .with_queue(queue.clone());
+    let j2 = crawl_to_end(&shared, "shared", spec).await;
+    assert_eq!(j2.state, JobState::Succeeded as i32, "{}", j2.error);
+    assert_eq!(j2.counters["records_out"], 8);
+    assert_eq!(j2.counters["repos_failed"], 1);
     shutdown.cancel();
-    let mut total = 0;
+    let mut handled = 0;
     for w in workers {
-        total += w.await.unwrap().unwrap();
+        handled += w.await.unwrap().unwrap();
     }
-    assert_eq!(total, 2);
+    assert_eq!(handled, 2, "each good repository crawled once");
+    // The bad repository is dead-lettered with its error and reported in the stats.
+    let dead = queue.dead_letters(REPO_TOPIC).await.unwrap();
+    assert_eq!(dead.len(), 1);
     let stats: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(out.path().join("runs/q1/stats/crawl.json")).unwrap(),
+        &std::fs::read(out.path().join("runs/shared/stats/crawl.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(
         (stats["in"].as_u64(), stats["out"].as_u64()),
         (Some(8), Some(8))
     );
-    assert_eq!(stats["repos"].as_object().unwrap().len(), 2);
-    // each repository's single shard was announced on `prs` as a claim check
-    assert_eq!(queue.backlog("prs").await.unwrap(), 2);
-    let d = queue
-        .receive("prs", "reader", std::time::Duration::from_secs(1))
-        .await
-        .unwrap()
-        .unwrap();
-    let cc: davinci_runtime::queue::ClaimCheck = serde_json::from_slice(&d.payload).unwrap();
-    assert_eq!((cc.run_id.as_str(), cc.records), ("q1", 4));
     assert!(
-        cc.uri.starts_with("file://") && cc.uri.ends_with(".jsonl.zst"),
-        "{}",
-        cc.uri
+        stats["failed_repos"]["/nonexistent/repository"].is_string(),
+        "{stats}"
     );
+    // Shards and stats are those of the one-process crawl (up to the run id in the stats).
+    let (a, b) = (
+        run_files(out.path(), "alone"),
+        run_files(out.path(), "shared"),
+    );
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, v) in &a {
+        let w = &b[k];
+        if k.starts_with("stats/") {
+            let x = String::from_utf8_lossy(v).replace("alone", "shared");
+            assert_eq!(x, String::from_utf8_lossy(w), "{k}");
+        } else {
+            assert_eq!(v, w, "{k} differs");
+        }
+    }
 }
 
 /// A bare clone of `src` at `{web}/{name}.git` that serves blobless clones.
