@@ -295,7 +295,9 @@ pub struct Claimed {
 /// Takes `topic`'s claims until `shutdown`. An input whose part is already committed is acked
 /// untouched (a redelivery after the worker died between commit and ack); otherwise `handle`
 /// writes its outputs and the marker. A failure is nacked with its error: the queue retries it
-/// and dead-letters it after its last attempt, and the worker goes on.
+/// and dead-letters it after its last attempt, and the worker goes on. While `handle` runs, the
+/// item's lease is extended every third of the visibility timeout, so a long item stays with
+/// this worker instead of being started again by another replica.
 pub async fn serve_topic<F, Fut>(
     queue: Arc<dyn WorkQueue>,
     topic: &str,
@@ -315,7 +317,15 @@ where
             _ = shutdown.cancelled() => break,
         };
         let Some(d) = delivery else { continue };
-        match take(&d, &s3, &mut handle).await {
+        let beating = CancellationToken::new();
+        let beat = tokio::spawn(heartbeat(queue.clone(), d.clone(), beating.clone()));
+        // Stops the heartbeat also when this future is dropped mid-item.
+        let guard = beating.drop_guard();
+        let result = take(&d, &s3, &mut handle).await;
+        drop(guard);
+        // Waits out an extend in flight, so it cannot race the ack below.
+        let _ = beat.await;
+        match result {
             Ok(()) => {
                 queue.ack(&d).await?;
                 done += 1;
@@ -328,6 +338,33 @@ where
         }
     }
     Ok(done)
+}
+
+/// Extends `d`'s lease every third of the visibility timeout until `stop`.
+async fn heartbeat(queue: Arc<dyn WorkQueue>, d: Delivery, stop: CancellationToken) {
+    let every = queue.visibility_timeout() / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match queue.extend(&d).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    topic = d.topic,
+                    id = %d.id,
+                    attempt = d.attempt,
+                    "work item lease lost: another consumer took it over, or the queue lost it"
+                );
+                return;
+            }
+            // A queue outage: the next beat tries again, the lease may still hold.
+            Err(e) => {
+                tracing::warn!(topic = d.topic, id = %d.id, error = %e, "extending a work item's lease failed")
+            }
+        }
+    }
 }
 
 async fn take<F, Fut>(d: &Delivery, s3: &S3Config, handle: &mut F) -> anyhow::Result<()>

@@ -53,6 +53,8 @@ pub struct Delivery {
     pub payload: Vec<u8>,
     /// 1 on first delivery, counting redeliveries and retries.
     pub attempt: u32,
+    /// The consumer it was delivered to, so only that holder can extend its lease.
+    pub consumer: String,
 }
 
 /// An item that used up its attempts, with the error of the last one.
@@ -113,6 +115,11 @@ pub trait WorkQueue: Send + Sync + std::fmt::Debug {
         consumer: &str,
         wait: Duration,
     ) -> QueueResult<Option<Delivery>>;
+    /// The consumer is still working on this item: do not hand it to another consumer for
+    /// another visibility timeout. Returns false when the item is no longer this delivery's
+    /// (acked, nacked, or already taken over by another consumer after its lease expired).
+    /// Never changes the delivery's attempt number.
+    async fn extend(&self, delivery: &Delivery) -> QueueResult<bool>;
     /// The item is done; it is never delivered again.
     async fn ack(&self, delivery: &Delivery) -> QueueResult<()>;
     /// The attempt failed with `error`. The item comes back after `retry_after` (or at once),
@@ -123,6 +130,8 @@ pub trait WorkQueue: Send + Sync + std::fmt::Debug {
         error: &str,
         retry_after: Option<Duration>,
     ) -> QueueResult<()>;
+    /// How long a delivered item stays with its consumer without an ack or [`Self::extend`].
+    fn visibility_timeout(&self) -> Duration;
     /// Items in `{topic}:dlq`, oldest first.
     async fn dead_letters(&self, topic: &str) -> QueueResult<Vec<DeadLetter>>;
     /// Items published and not yet acked or dead-lettered (waiting, in flight or delayed).

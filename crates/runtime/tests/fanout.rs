@@ -283,3 +283,67 @@ async fn a_claim_without_a_work_directory_is_refused_and_cancel_stops_waiting() 
     .unwrap_err();
     assert!(err.to_string().contains("cancelled"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_longer_than_the_visibility_timeout_runs_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().display());
+    let vt = Duration::from_secs(1);
+    let queue: Arc<dyn WorkQueue> = Arc::new(MemoryQueue::new(QueueOptions {
+        visibility_timeout: vt,
+        ..Default::default()
+    }));
+    let items = inputs(&root, 1).await;
+    let work = Work::open(
+        &Work::dir_uri(&root, "r1", "slow", &"spec"),
+        &S3Config::default(),
+    )
+    .await
+    .unwrap();
+    let (started, stop) = (Arc::new(AtomicU64::new(0)), CancellationToken::new());
+    let workers: Vec<_> = (0..2)
+        .map(|w| {
+            let (queue, started, stop) = (queue.clone(), started.clone(), stop.clone());
+            tokio::spawn(async move {
+                fanout::serve_topic(
+                    queue,
+                    TOPIC,
+                    &format!("w{w}"),
+                    S3Config::default(),
+                    stop,
+                    |c| {
+                        let started = started.clone();
+                        async move {
+                            started.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(vt * 3).await;
+                            c.work.commit_part(&c.part, &serde_json::json!({})).await
+                        }
+                    },
+                )
+                .await
+            })
+        })
+        .collect();
+    fanout::distribute(
+        queue.as_ref(),
+        TOPIC,
+        &work,
+        &items,
+        &CancellationToken::new(),
+        &opts(),
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    // Without lease extension the idle worker would have started it after 1 s.
+    assert_eq!(started.load(Ordering::SeqCst), 1, "the item ran twice");
+    stop.cancel();
+    let done: Vec<u64> = futures::future::join_all(workers)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    assert_eq!(done.iter().sum::<u64>(), 1, "acks per worker: {done:?}");
+    assert_eq!(queue.backlog(TOPIC).await.unwrap(), 0);
+    assert!(queue.dead_letters(TOPIC).await.unwrap().is_empty());
+}

@@ -385,6 +385,91 @@ async fn topics_are_isolated(b: &Backend) {
     );
 }
 
+async fn extended_item_stays_with_its_consumer(b: &Backend) {
+    let vt = Duration::from_secs(1);
+    let o = QueueOptions {
+        visibility_timeout: vt,
+        ..opts()
+    };
+    let a = b.connect(o.clone()).await;
+    let other = b.connect(o).await;
+    assert_eq!(a.visibility_timeout(), vt);
+    a.publish("t", b"long").await.unwrap();
+    let held = recv(&a, "t", "a", Duration::from_secs(2))
+        .await
+        .expect("an item");
+    assert_eq!((held.attempt, held.consumer.as_str()), (1, "a"));
+    // B keeps asking while A extends every 300 ms for 2.5 s, well past the timeout.
+    let b_queue = other.clone();
+    let b_waits = tokio::spawn(async move {
+        b_queue
+            .receive("t", "b", Duration::from_millis(2500))
+            .await
+            .unwrap()
+    });
+    let started = Instant::now();
+    let mut last_extend = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        last_extend = Instant::now();
+        assert!(a.extend(&held).await.unwrap(), "A lost its lease");
+    }
+    let got = b_waits.await.unwrap();
+    assert!(got.is_none(), "B got an extended item: {got:?}");
+    // A stops extending: B gets the item one timeout after the last extend, as attempt 2
+    // (the extends did not count as deliveries).
+    let taken = recv(&other, "t", "b", Duration::from_secs(3))
+        .await
+        .expect("taken over after the timeout");
+    assert!(
+        last_extend.elapsed() >= vt,
+        "taken over {:?} after the last extend",
+        last_extend.elapsed()
+    );
+    assert_eq!(
+        (
+            taken.payload.as_slice(),
+            taken.attempt,
+            taken.consumer.as_str()
+        ),
+        (&b"long"[..], 2, "b")
+    );
+    assert!(
+        !a.extend(&held).await.unwrap(),
+        "the old holder extended a taken-over item"
+    );
+    assert!(other.extend(&taken).await.unwrap());
+    other.ack(&taken).await.unwrap();
+    assert!(
+        !other.extend(&taken).await.unwrap(),
+        "an acked item was extended"
+    );
+    // A nacked delivery is no longer the holder's either.
+    a.publish("t", b"fails").await.unwrap();
+    let d = recv(&a, "t", "a", Duration::from_secs(2)).await.unwrap();
+    a.nack(&d, "boom", None).await.unwrap();
+    assert!(!a.extend(&d).await.unwrap(), "a nacked item was extended");
+    let retry = recv(&a, "t", "a", Duration::from_secs(2)).await.unwrap();
+    assert_eq!(retry.attempt, 2);
+    a.ack(&retry).await.unwrap();
+    assert_eq!(a.backlog("t").await.unwrap(), 0);
+}
+
+async fn stale_delivery_to_the_same_consumer_is_not_extended(b: &Backend) {
+    let q = b.connect(opts()).await;
+    q.publish("t", b"x").await.unwrap();
+    let first = recv(&q, "t", "c", Duration::from_secs(2)).await.unwrap();
+    // The lease expires and the same consumer name gets the item again (a restarted worker).
+    let second = recv(&q, "t", "c", Duration::from_secs(3)).await.unwrap();
+    assert_eq!((first.id.as_str(), second.attempt), (second.id.as_str(), 2));
+    assert!(
+        !q.extend(&first).await.unwrap(),
+        "a stale delivery was extended"
+    );
+    assert!(q.extend(&second).await.unwrap());
+    q.ack(&second).await.unwrap();
+}
+
 async fn bad_names_are_refused(b: &Backend) {
     let q = b.connect(opts()).await;
     let err = q.publish("has{brace}", b"x").await.unwrap_err().to_string();
@@ -429,6 +514,8 @@ conformance!(
     concurrent_consumers_process_each_item_once,
     publish_waits_above_high_water_mark,
     topics_are_isolated,
+    extended_item_stays_with_its_consumer,
+    stale_delivery_to_the_same_consumer_is_not_extended,
     bad_names_are_refused,
 );
 

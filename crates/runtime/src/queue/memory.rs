@@ -128,7 +128,7 @@ impl MemoryQueue {
         Self { shared, opts }
     }
 
-    fn take(&self, topics: &mut HashMap<String, Topic>, topic_name: &str) -> Take {
+    fn take(&self, topics: &mut HashMap<String, Topic>, topic_name: &str, consumer: &str) -> Take {
         let now = Instant::now();
         let Some(topic) = topics.get_mut(topic_name) else {
             return Take::Nothing { next_event: None };
@@ -136,7 +136,7 @@ impl MemoryQueue {
         topic.promote_due(now);
         if let Some(item) = topic.ready.pop_front() {
             let attempt = item.attempts + 1;
-            return Take::Got(self.hand_out(topic, topic_name, item, attempt, now));
+            return Take::Got(self.hand_out(topic, topic_name, consumer, item, attempt, now));
         }
         let mut dead = 0;
         loop {
@@ -186,7 +186,14 @@ impl MemoryQueue {
                 attempt,
                 "redelivering an item whose visibility timeout expired"
             );
-            return Take::Got(self.hand_out(topic, topic_name, flight.item, attempt, now));
+            return Take::Got(self.hand_out(
+                topic,
+                topic_name,
+                consumer,
+                flight.item,
+                attempt,
+                now,
+            ));
         }
         counters::dead_lettered(topic_name, dead);
         if dead > 0 {
@@ -201,6 +208,7 @@ impl MemoryQueue {
         &self,
         topic: &mut Topic,
         topic_name: &str,
+        consumer: &str,
         item: Item,
         attempt: u32,
         now: Instant,
@@ -210,6 +218,7 @@ impl MemoryQueue {
             id: item.id.clone(),
             payload: item.payload.clone(),
             attempt,
+            consumer: consumer.to_string(),
         };
         let deadline = now + self.opts.visibility_timeout;
         topic.in_flight.insert(
@@ -265,7 +274,7 @@ impl WorkQueue for MemoryQueue {
             notified.as_mut().enable();
             let next_event = {
                 let mut topics = self.shared.topics.lock().await;
-                match self.take(&mut topics, topic) {
+                match self.take(&mut topics, topic, consumer) {
                     Take::Got(d) => return Ok(Some(d)),
                     Take::Nothing { next_event } => next_event,
                 }
@@ -279,6 +288,25 @@ impl WorkQueue for MemoryQueue {
                 _ = tokio::time::sleep_until(until) => {}
             }
         }
+    }
+
+    async fn extend(&self, delivery: &Delivery) -> QueueResult<bool> {
+        let mut topics = self.shared.topics.lock().await;
+        // A redelivered copy has a higher attempt: the old holder must not keep it.
+        match topics
+            .get_mut(&delivery.topic)
+            .and_then(|t| t.in_flight.get_mut(&delivery.id))
+        {
+            Some(f) if f.attempt == delivery.attempt => {
+                f.deadline = Instant::now() + self.opts.visibility_timeout;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn visibility_timeout(&self) -> Duration {
+        self.opts.visibility_timeout
     }
 
     async fn ack(&self, delivery: &Delivery) -> QueueResult<()> {

@@ -9,7 +9,8 @@
 //! - `{t}:dlq`: stream of dead letters (`p`, `o`, `a`, `e`, `g` group).
 //!
 //! An entry's attempt is `a` + its delivery count in the group's pending list (which
-//! XREADGROUP sets to 1 and XAUTOCLAIM raises), so redelivery after a consumer died counts.
+//! XREADGROUP sets to 1 and XAUTOCLAIM raises), so redelivery after a consumer died counts;
+//! a lease extension (`XCLAIM … JUSTID`) only resets the idle time.
 //! Finished entries (acked, retried, dead-lettered) are XDELeted, so `XLEN` + `ZCARD` is
 //! exactly the backlog. Receiving polls with backoff instead of `XREADGROUP BLOCK`, which
 //! would stall the shared multiplexed connection for every other caller.
@@ -113,6 +114,25 @@ if n == 1 then redis.call('XDEL', KEYS[1], ARGV[2]) end
 return n
 "#;
 
+/// KEYS: stream. ARGV: group, consumer, id, attempt.
+/// Resets the entry's idle time when it is still pending with this consumer at this attempt;
+/// returns 1 then, else 0. `XCLAIM … JUSTID` leaves the delivery counter (the attempt) alone.
+const EXTEND: &str = r#"
+local stream, group, consumer, id = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local p = redis.pcall('XPENDING', stream, group, id, id, 1)
+if p.err then
+  if string.find(p.err, 'NOGROUP') then return 0 end
+  return redis.error_reply(p.err)
+end
+if not p[1] or p[1][2] ~= consumer then return 0 end
+local r = redis.call('XRANGE', stream, id, id)
+if not r[1] then return 0 end
+local f = fields(r[1][2])
+if (tonumber(f.a) or 0) + p[1][4] ~= tonumber(ARGV[4]) then return 0 end
+redis.call('XCLAIM', stream, group, consumer, 0, id, 'JUSTID')
+return 1
+"#;
+
 /// KEYS: stream, delayed, dlq. ARGV: group, id, attempt, error, delay ms, max attempts.
 /// Returns 'dead' | 'retry' | 'delayed' | 'stale' (the delivery is no longer current).
 const NACK: &str = r#"
@@ -153,6 +173,7 @@ pub struct RedisQueue {
     url: String,
     publish: Script,
     receive: Script,
+    extend: Script,
     ack: Script,
     nack: Script,
 }
@@ -204,6 +225,7 @@ impl RedisQueue {
             url: shown,
             publish: script(PUBLISH),
             receive: script(RECEIVE),
+            extend: script(EXTEND),
             ack: script(ACK),
             nack: script(NACK),
         })
@@ -254,6 +276,7 @@ impl RedisQueue {
                     id,
                     payload,
                     attempt,
+                    consumer: consumer.to_string(),
                 }))
             }
             other => Err(QueueError::Backend(format!(
@@ -320,6 +343,27 @@ impl WorkQueue for RedisQueue {
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(MAX_POLL_PAUSE);
         }
+    }
+
+    async fn extend(&self, delivery: &Delivery) -> QueueResult<bool> {
+        let topic = &delivery.topic;
+        validate_topic(topic)?;
+        let mut con = self.con.clone();
+        let n: u32 = self
+            .extend
+            .key(keys(topic).stream)
+            .arg(&self.opts.group)
+            .arg(&delivery.consumer)
+            .arg(&delivery.id)
+            .arg(delivery.attempt)
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.err("extend", topic, e))?;
+        Ok(n == 1)
+    }
+
+    fn visibility_timeout(&self) -> Duration {
+        self.opts.visibility_timeout
     }
 
     async fn ack(&self, delivery: &Delivery) -> QueueResult<()> {
