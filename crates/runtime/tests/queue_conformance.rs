@@ -301,6 +301,9 @@ async fn concurrent_consumers_process_each_item_once(b: &Backend) {
                     .push(String::from_utf8(d.payload.clone()).unwrap());
                 q.ack(&d).await.unwrap();
                 mine += 1;
+                // Real handlers take time; without it one consumer may drain an in-process
+                // topic before the others are first polled.
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
             mine
         }));
