@@ -1,8 +1,6 @@
 //! `davinci crawl`: git repositories (and optionally the GitHub API) → `davinci.pr/v1` shards.
 use anyhow::Context;
-use davinci_crawler::budget::{MemoryBudget, RedisBudget, TokenBudget};
 use davinci_crawler::github::{Discovery, GithubClient, GithubConfig};
-use davinci_crawler::httpcache::{BlobCache, RedisCache, ResponseCache};
 use davinci_crawler::pipeline::{self, CrawlConfig, Event, RepoSpec, Sinks};
 use davinci_crawler::sources::{self, Inputs};
 use davinci_crawler::{SWE_BENCH_VERIFIED_REPOS, Subset};
@@ -180,24 +178,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut sinks = Sinks::new(store.clone());
     let mut github = None;
     if args.github || args.discover {
-        let (budget, cache): (Arc<dyn TokenBudget>, Arc<dyn ResponseCache>) = match &args.redis_url
-        {
-            Some(url) => (
-                Arc::new(RedisBudget::connect(url, "davinci:github:budget").await?),
-                Arc::new(RedisCache::connect(url, "davinci:github:etag", 7 * 86_400).await?),
-            ),
-            None => (
-                Arc::new(MemoryBudget::default()),
-                Arc::new(BlobCache::new(store.clone())),
-            ),
-        };
         let gh_cfg = GithubConfig {
             api_url: args.github_api_url.clone(),
             budget_per_window: args.github_budget,
             ..Default::default()
         };
         github = Some(Arc::new(
-            GithubClient::new(gh_cfg, GithubClient::tokens_from_env(), budget)?.with_cache(cache),
+            GithubClient::pooled(gh_cfg, args.redis_url.as_deref(), store.clone()).await?,
         ));
     }
     if args.github {

@@ -136,10 +136,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 Target::Trainer => routes
                     .add_service(davinci_trainer::serve::TrainerService::new(jobs).into_server()),
                 Target::Crawler => {
+                    let (base, github) = crawler_parts(&ctx).await?;
                     let work = davinci_crawler::serve::worker(
                         ctx.queue.clone(),
-                        davinci_crawler::pipeline::CrawlConfig::new(""),
-                        None,
+                        base.clone(),
+                        github.clone(),
                         consumer.clone(),
                         ctx.settings.storage.s3.clone(),
                         stop.clone(),
@@ -149,8 +150,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         davinci_crawler::serve::CrawlerService::new(
                             jobs,
                             ctx.settings.storage.s3.clone(),
-                            davinci_crawler::pipeline::CrawlConfig::new(""),
-                            None,
+                            base,
+                            github,
                         )
                         .with_queue(ctx.queue.clone()),
                     ))
@@ -258,6 +259,31 @@ pub fn tokenizer_counter(
         }
         None => Ok(davinci_reconstructor::word_counter()),
     }
+}
+
+/// The crawler's base config and GitHub client from the settings: with a Redis queue, token
+/// budgets and ETags are shared by every replica.
+async fn crawler_parts(
+    ctx: &ServiceContext,
+) -> anyhow::Result<(
+    davinci_crawler::pipeline::CrawlConfig,
+    Option<std::sync::Arc<davinci_crawler::github::GithubClient>>,
+)> {
+    let gh = &ctx.settings.github;
+    let mut base = davinci_crawler::pipeline::CrawlConfig::new("");
+    base.web_url = gh.web_url.clone();
+    let cfg = davinci_crawler::github::GithubConfig {
+        api_url: gh.api_url.clone(),
+        budget_per_window: gh.budget_per_hour,
+        window_secs: 3600,
+        ..Default::default()
+    };
+    let url = &ctx.settings.queue.url;
+    let redis = url.starts_with("redis").then_some(url.as_str());
+    let client = davinci_crawler::github::GithubClient::pooled(cfg, redis, ctx.store.clone())
+        .await
+        .context("building the crawler's GitHub client (github.* settings)")?;
+    Ok((base, Some(std::sync::Arc::new(client))))
 }
 
 /// This process's own gRPC address as a client dials it.

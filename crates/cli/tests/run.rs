@@ -636,3 +636,101 @@ fn crawl_discovers_repositories_through_the_search_api() {
     .unwrap();
     assert_eq!(stats["repos"]["acme/widgets"]["out"], 2, "{stats}");
 }
+
+/// A crawler server takes its GitHub from the `github.*` settings: discovery through the
+/// (fake) search API, clones from `github.web_url`, and the token budget kept in Redis, where
+/// every replica draws on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crawler_server_discovers_with_the_settings_github_and_pools_its_budget_in_redis() {
+    use davinci_proto::v1::crawler_client::CrawlerClient;
+    use davinci_proto::v1::{CrawlSpec, JobRef, JobState, StartCrawlRequest};
+    let src = tempfile::tempdir().unwrap();
+    fixture_repo(src.path());
+    let web = tempfile::tempdir().unwrap();
+    let bare = web.path().join("acme/widgets.git");
+    std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+    git(
+        web.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            &src.path().display().to_string(),
+            &bare.display().to_string(),
+        ],
+    );
+    git(&bare, &["config", "uploadpack.allowFilter", "true"]);
+    let redis = davinci_testkit::RedisServer::start().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", davinci_testkit::free_port().unwrap());
+    let _server = serve(
+        "crawler",
+        &addr,
+        &[
+            ("QUEUE__URL", redis.url()),
+            ("STORAGE__URI", format!("file://{}", data.path().display())),
+            ("GITHUB__API_URL", fake_search_api()),
+            (
+                "GITHUB__WEB_URL",
+                format!("file://{}", web.path().display()),
+            ),
+        ],
+    );
+    let mut client = CrawlerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let job = client
+        .start_crawl(StartCrawlRequest {
+            run_id: "disc".into(),
+            spec: Some(CrawlSpec {
+                out: format!("file://{}", data.path().display()),
+                languages: vec!["Python".into()],
+                min_stars: 5,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let j = client
+            .get_crawl(JobRef {
+                job_id: job.job_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if j.state == JobState::Succeeded as i32 || j.state == JobState::Failed as i32 {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "crawl did not end: {j:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(job.state, JobState::Succeeded as i32, "{}", job.error);
+    let stats: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(data.path().join("runs/disc/stats/crawl.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        stats["discovered"],
+        serde_json::json!(["acme/widgets"]),
+        "{stats}"
+    );
+    assert_eq!(stats["repos"]["acme/widgets"]["out"], 2, "{stats}");
+    let port = redis
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let keys = Command::new("redis-cli")
+        .args(["-p", &port, "--scan", "--pattern", "davinci:github:budget*"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&keys.stdout).trim().is_empty(),
+        "no token budget in Redis"
+    );
+}

@@ -31,6 +31,30 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub services: ServicesSettings,
     pub evaluator: EvaluatorSettings,
+    pub github: GithubSettings,
+}
+
+/// The crawler's GitHub: tokens come from `GITHUB_TOKENS` / `GITHUB_TOKEN`, never from here.
+/// With a Redis queue, every replica draws on one budget per token and shares one ETag cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GithubSettings {
+    /// REST base (`https://HOST/api/v3` for GitHub Enterprise Server).
+    pub api_url: String,
+    /// Where repositories named by GH Archive or discovery are cloned from.
+    pub web_url: String,
+    /// Requests each token may make per hour.
+    pub budget_per_hour: u64,
+}
+
+impl Default for GithubSettings {
+    fn default() -> Self {
+        Self {
+            api_url: "https://api.github.com".into(),
+            web_url: "https://github.com".into(),
+            budget_per_hour: 5000,
+        }
+    }
 }
 
 /// Where the evaluator finds prepared SWE-bench environments and its Python.
@@ -311,6 +335,29 @@ impl Settings {
         if self.queue.group.is_empty() {
             return Err(ConfigError::new("queue.group", "must not be empty"));
         }
+        let api = &self.github.api_url;
+        if !(api.starts_with("https://") || api.starts_with("http://")) {
+            return Err(ConfigError::new(
+                "github.api_url",
+                format!("`{api}` must be an http:// or https:// URL"),
+            ));
+        }
+        let web = &self.github.web_url;
+        if !["https://", "http://", "file://"]
+            .iter()
+            .any(|p| web.starts_with(p))
+        {
+            return Err(ConfigError::new(
+                "github.web_url",
+                format!("`{web}` must be an http://, https:// or file:// (a local mirror) URL"),
+            ));
+        }
+        if self.github.budget_per_hour == 0 {
+            return Err(ConfigError::new(
+                "github.budget_per_hour",
+                "must be at least 1",
+            ));
+        }
         if !matches!(
             self.telemetry.log_format.as_str(),
             "json" | "human" | "auto"
@@ -407,5 +454,14 @@ mod tests {
         let e =
             Settings::load_from(None, env(&[("DAVINCI__STORAGE__URI", "ftp://x")])).unwrap_err();
         assert_eq!(e.path, "storage.uri");
+        let e = Settings::load_from(None, env(&[("DAVINCI__GITHUB__API_URL", "api.github.com")]))
+            .unwrap_err();
+        assert_eq!(e.path, "github.api_url");
+        let e = Settings::load_from(None, env(&[("DAVINCI__GITHUB__BUDGET_PER_HOUR", "0")]))
+            .unwrap_err();
+        assert_eq!(e.path, "github.budget_per_hour");
+        let s = Settings::load_from(None, env(&[("DAVINCI__GITHUB__WEB_URL", "file:///mirror")]))
+            .unwrap();
+        assert_eq!(s.github.web_url, "file:///mirror");
     }
 }

@@ -108,7 +108,11 @@ pub fn prepare(source: &str, cache_dir: &Path) -> Result<PathBuf> {
     }
     let name = repo_name_from_url(source)
         .ok_or_else(|| anyhow!("cannot derive owner/name from clone URL `{source}`"))?;
-    let dir = cache_dir.join(name.replace('/', "__") + ".git");
+    // Keyed by the URL too: one owner/name on two hosts (github.com, an Enterprise Server, a
+    // mirror) are two clones.
+    let url_hash = &davinci_runtime::shard::sha256_hex(source.as_bytes())[..8];
+    let key = format!("{}-{url_hash}", name.replace('/', "__"));
+    let dir = cache_dir.join(format!("{key}.git"));
     std::fs::create_dir_all(cache_dir)
         .with_context(|| format!("creating clone cache {}", cache_dir.display()))?;
     if dir.join("HEAD").exists() {
@@ -119,7 +123,7 @@ pub fn prepare(source: &str, cache_dir: &Path) -> Result<PathBuf> {
         )
         .with_context(|| format!("updating clone of {source}"))?;
     } else {
-        let tmp = cache_dir.join(format!(".{}.partial", name.replace('/', "__")));
+        let tmp = cache_dir.join(format!(".{key}.partial"));
         let _ = std::fs::remove_dir_all(&tmp);
         let status = Command::new("git")
             .args(["clone", "--quiet", "--bare", "--filter=blob:none", source])

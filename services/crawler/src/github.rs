@@ -189,11 +189,39 @@ impl GithubClient {
         })
     }
 
+    /// The REST base this client talks to.
+    pub fn api_url(&self) -> &str {
+        &self.cfg.api_url
+    }
+
     /// Keeps ETags and bodies in `cache` instead of this process's memory, so other replicas
     /// pointed at the same cache get `304`s for pages this one fetched.
     pub fn with_cache(mut self, cache: Arc<dyn ResponseCache>) -> Self {
         self.cache = cache;
         self
+    }
+
+    /// The client a crawler process uses: with `redis_url`, every replica draws on one budget
+    /// per token and shares one ETag cache in Redis; without, both live in this process and
+    /// ETags are kept in `store` under `cache/github/`.
+    pub async fn pooled(
+        cfg: GithubConfig,
+        redis_url: Option<&str>,
+        store: Arc<dyn davinci_runtime::blob::BlobStore>,
+    ) -> anyhow::Result<Self> {
+        use crate::budget::{MemoryBudget, RedisBudget};
+        use crate::httpcache::{BlobCache, RedisCache};
+        let (budget, cache): (Arc<dyn TokenBudget>, Arc<dyn ResponseCache>) = match redis_url {
+            Some(url) => (
+                Arc::new(RedisBudget::connect(url, "davinci:github:budget").await?),
+                Arc::new(RedisCache::connect(url, "davinci:github:etag", 7 * 86_400).await?),
+            ),
+            None => (
+                Arc::new(MemoryBudget::default()),
+                Arc::new(BlobCache::new(store)),
+            ),
+        };
+        Ok(Self::new(cfg, Self::tokens_from_env(), budget)?.with_cache(cache))
     }
 
     /// Tokens from `GITHUB_TOKENS` (comma-separated) or `GITHUB_TOKEN`.

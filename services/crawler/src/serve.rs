@@ -153,13 +153,20 @@ impl CrawlerService {
     }
 }
 
-/// The client for a spec: one for `github_api_url` (its ETags kept beside the run's output,
-/// in `cache/github/`), else the server's.
+/// The client for a spec: the server's (tokens pooled across replicas), unless the spec names
+/// another API, which gets a client of its own (budget in this process, ETags beside the run's
+/// output in `cache/github/`).
 fn client_for(
     server: Option<Arc<GithubClient>>,
     spec: &CrawlSpec,
     store: &Arc<dyn BlobStore>,
 ) -> Result<Arc<GithubClient>, Status> {
+    let same = |c: &GithubClient| {
+        spec.github_api_url.trim_end_matches('/') == c.api_url().trim_end_matches('/')
+    };
+    if let Some(c) = server.as_ref().filter(|c| same(c)) {
+        return Ok(c.clone());
+    }
     if spec.github_api_url.is_empty() {
         return server.ok_or_else(|| {
             Status::failed_precondition(
