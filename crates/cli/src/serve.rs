@@ -249,13 +249,25 @@ pub fn service_name(t: Target) -> &'static str {
 pub fn tokenizer_counter(
     path: Option<&str>,
 ) -> anyhow::Result<davinci_reconstructor::TokenCounter> {
+    // Loaded once per process: every worker and job of a run asks for the same tokenizer.
+    static LOADED: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<String, davinci_reconstructor::TokenCounter>>,
+    > = std::sync::LazyLock::new(Default::default);
     match path.filter(|p| !p.is_empty()) {
         Some(p) => {
+            let mut loaded = LOADED.lock().expect("tokenizer cache lock");
+            if let Some(c) = loaded.get(p) {
+                return Ok(c.clone());
+            }
             let tok = davinci_tokenize::Tokenizer::load(p)
                 .with_context(|| format!("loading tokenizer {p}"))?;
-            Ok(std::sync::Arc::new(move |s: &str| {
-                tok.count_tokens(s).unwrap_or(usize::MAX)
-            }))
+            let counter: davinci_reconstructor::TokenCounter =
+                std::sync::Arc::new(move |s: &str| tok.count_tokens(s).unwrap_or(usize::MAX));
+            if loaded.len() >= 4 {
+                loaded.clear();
+            }
+            loaded.insert(p.to_string(), counter.clone());
+            Ok(counter)
         }
         None => Ok(davinci_reconstructor::word_counter()),
     }

@@ -139,9 +139,12 @@ pub async fn worker(
     s3: S3Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<u64> {
-    let cache = TokenizerCache::default();
+    // One cache for every worker of the process (topics, in-process replicas): a tokenizer is
+    // loaded once, not once per worker at the same moment.
+    static CACHE: std::sync::LazyLock<TokenizerCache> = std::sync::LazyLock::new(Default::default);
+    let cache = &*CACHE;
     fanout::serve_topic(queue, topic, &consumer, s3.clone(), shutdown, |c| {
-        let (cache, s3) = (&cache, &s3);
+        let s3 = &s3;
         async move {
             let summary = shared::tokenize_part(&c, s3, cache).await?;
             c.work.commit_part(&c.part, &summary).await?;
