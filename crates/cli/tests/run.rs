@@ -586,8 +586,8 @@ fn fake_search_api() -> String {
     format!("http://{addr}")
 }
 
-#[test]
-fn crawl_discovers_repositories_through_the_search_api() {
+/// A web root serving the fixture repository as `acme/widgets.git`, blobless clones allowed.
+fn web_mirror() -> tempfile::TempDir {
     let src = tempfile::tempdir().unwrap();
     fixture_repo(src.path());
     let web = tempfile::tempdir().unwrap();
@@ -604,6 +604,12 @@ fn crawl_discovers_repositories_through_the_search_api() {
         ],
     );
     git(&bare, &["config", "uploadpack.allowFilter", "true"]);
+    web
+}
+
+#[test]
+fn crawl_discovers_repositories_through_the_search_api() {
+    let web = web_mirror();
     let out_dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_davinci"))
         .args([
@@ -644,22 +650,7 @@ fn crawl_discovers_repositories_through_the_search_api() {
 async fn crawler_server_discovers_with_the_settings_github_and_pools_its_budget_in_redis() {
     use davinci_proto::v1::crawler_client::CrawlerClient;
     use davinci_proto::v1::{CrawlSpec, JobRef, JobState, StartCrawlRequest};
-    let src = tempfile::tempdir().unwrap();
-    fixture_repo(src.path());
-    let web = tempfile::tempdir().unwrap();
-    let bare = web.path().join("acme/widgets.git");
-    std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
-    git(
-        web.path(),
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            &src.path().display().to_string(),
-            &bare.display().to_string(),
-        ],
-    );
-    git(&bare, &["config", "uploadpack.allowFilter", "true"]);
+    let web = web_mirror();
     let redis = davinci_testkit::RedisServer::start().unwrap();
     let data = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", davinci_testkit::free_port().unwrap());
