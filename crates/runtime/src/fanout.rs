@@ -137,9 +137,11 @@ pub struct Item {
 
 impl Item {
     /// An input shard at `uri` with its content: the part is named after the content, so the
-    /// same shard is one part however it is listed.
-    pub fn for_shard(run_id: &str, topic: &str, uri: &str, data: &[u8], records: u64) -> Self {
+    /// same shard is one part however it is listed. The claim counts the shard's records (0
+    /// when it cannot be read: it still goes out, and its worker fails it into the DLQ).
+    pub fn for_shard(run_id: &str, topic: &str, uri: &str, data: &[u8]) -> Self {
         let sha256 = shard::sha256_hex(data);
+        let records = count_records(uri, data);
         Self {
             part: format!(
                 "{}-{}",
@@ -157,6 +159,23 @@ impl Item {
                 part: None,
             },
         }
+    }
+}
+
+/// Non-blank lines of a JSONL shard, zstd-compressed when `uri` ends in `.zst`.
+fn count_records(uri: &str, data: &[u8]) -> u64 {
+    fn lines(r: impl std::io::BufRead) -> u64 {
+        r.split(b'\n')
+            .map_while(Result::ok)
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .count() as u64
+    }
+    if uri.ends_with(".zst") {
+        zstd::Decoder::new(data)
+            .map(|d| lines(std::io::BufReader::new(d)))
+            .unwrap_or(0)
+    } else {
+        lines(data)
     }
 }
 
@@ -192,16 +211,21 @@ pub struct Failed {
 
 /// Publishes the inputs not yet committed and waits until every input is committed (or, with
 /// `fail_on_dead_letter` off, dead-lettered: those come back). `progress` sees (finished, total)
-/// whenever that changes. Fails when the job is cancelled.
-pub async fn distribute(
+/// whenever that changes (awaited, so it may report to a job). Fails when the job is cancelled.
+#[allow(clippy::too_many_arguments)]
+pub async fn distribute<P, Fut>(
     queue: &dyn WorkQueue,
     topic: &str,
     work: &Work,
     items: &[Item],
     cancel: &CancellationToken,
     opts: &WaitOptions,
-    mut progress: impl FnMut(u64, u64) + Send,
-) -> anyhow::Result<Vec<Failed>> {
+    mut progress: P,
+) -> anyhow::Result<Vec<Failed>>
+where
+    P: FnMut(u64, u64) -> Fut + Send,
+    Fut: Future<Output = ()> + Send,
+{
     let total = items.len() as u64;
     let mut failed: Vec<Failed> = Vec::new();
     let committed = work.committed().await?;
@@ -223,7 +247,7 @@ pub async fn distribute(
             .count() as u64
             + failed.len() as u64;
         if done != last {
-            progress(done, total);
+            progress(done, total).await;
             last = done;
         }
         if done == total {

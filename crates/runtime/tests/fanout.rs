@@ -17,13 +17,9 @@ async fn inputs(root: &str, n: usize) -> Vec<Item> {
         let key = format!("in/shard-{i}.jsonl");
         let data = format!("{{\"n\":{i}}}\n");
         store.put(&key, data.clone().into()).await.unwrap();
-        items.push(Item::for_shard(
-            "r1",
-            TOPIC,
-            &store.uri(&key),
-            data.as_bytes(),
-            1,
-        ));
+        let item = Item::for_shard("r1", TOPIC, &store.uri(&key), data.as_bytes());
+        assert_eq!(item.claim.records, 1);
+        items.push(item);
     }
     items
 }
@@ -108,7 +104,10 @@ async fn inputs_are_shared_by_workers_and_committed_once() {
         &items,
         &CancellationToken::new(),
         &opts(),
-        |d, t| seen.push((d, t)),
+        |d, t| {
+            seen.push((d, t));
+            async {}
+        },
     )
     .await
     .unwrap();
@@ -132,7 +131,7 @@ async fn inputs_are_shared_by_workers_and_committed_once() {
         &items,
         &CancellationToken::new(),
         &opts(),
-        |_, _| {},
+        |_, _| async {},
     )
     .await
     .unwrap();
@@ -177,7 +176,7 @@ async fn a_dead_lettered_input_fails_the_job_with_its_error() {
         &items,
         &CancellationToken::new(),
         &opts(),
-        |_, _| {},
+        |_, _| async {},
     )
     .await
     .unwrap_err()
@@ -203,7 +202,7 @@ async fn a_dead_lettered_input_fails_the_job_with_its_error() {
             fail_on_dead_letter: false,
             ..opts()
         },
-        |_, _| {},
+        |_, _| async {},
     )
     .await
     .unwrap();
@@ -277,7 +276,7 @@ async fn a_claim_without_a_work_directory_is_refused_and_cancel_stops_waiting() 
         &[item],
         &cancel,
         &opts(),
-        |_, _| {},
+        |_, _| async {},
     )
     .await
     .unwrap_err();
@@ -331,7 +330,7 @@ async fn a_handler_longer_than_the_visibility_timeout_runs_once() {
         &items,
         &CancellationToken::new(),
         &opts(),
-        |_, _| {},
+        |_, _| async {},
     )
     .await
     .unwrap();

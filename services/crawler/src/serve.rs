@@ -435,17 +435,11 @@ async fn run_shared(
     .await?;
     work.put_spec(&work_spec).await?;
     let total = items.len() as u64;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let h = handle.clone();
-    let reporter = tokio::spawn(async move {
-        while let Some(done) = rx.recv().await {
-            h.progress(done, total, "repositories").await;
-        }
-    });
     let opts = WaitOptions {
         fail_on_dead_letter: false,
         ..Default::default()
     };
+    let h = &handle;
     let failed = fanout::distribute(
         queue.as_ref(),
         REPO_TOPIC,
@@ -453,14 +447,9 @@ async fn run_shared(
         &items,
         &handle.cancel_token(),
         &opts,
-        |done, _| {
-            let _ = tx.send(done);
-        },
+        move |done, _| h.progress(done, total, "repositories"),
     )
-    .await;
-    drop(tx);
-    let _ = reporter.await;
-    let failed = failed?;
+    .await?;
 
     let mut stats = CrawlStats {
         stage: "crawl".into(),

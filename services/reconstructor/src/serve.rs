@@ -314,39 +314,20 @@ async fn run_fanned_out(
     let mut items = Vec::with_capacity(inputs.len());
     for (store, key) in &inputs {
         let data = store.get(key).await?;
-        // An unreadable shard still goes out: its worker fails it into the dead-letter stream.
-        let records = count_records(key, &data).unwrap_or(0);
-        items.push(Item::for_shard(
-            &run_id,
-            PRS_TOPIC,
-            &store.uri(key),
-            &data,
-            records,
-        ));
+        items.push(Item::for_shard(&run_id, PRS_TOPIC, &store.uri(key), &data));
     }
     let total = items.len() as u64;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let h = handle.clone();
-    let reporter = tokio::spawn(async move {
-        while let Some(done) = rx.recv().await {
-            h.progress(done, 2 * total, "PR shards rendered").await;
-        }
-    });
-    let distributed = fanout::distribute(
+    let h = &handle;
+    fanout::distribute(
         queue.as_ref(),
         PRS_TOPIC,
         &work,
         &items,
         &handle.cancel_token(),
         &WaitOptions::default(),
-        |done, _| {
-            let _ = tx.send(done);
-        },
+        move |done, _| h.progress(done, 2 * total, "PR shards rendered"),
     )
-    .await;
-    drop(tx);
-    let _ = reporter.await;
-    distributed?;
+    .await?;
 
     let formats = cfg.formats.clone();
     let mut recon = Reconstructor::new(cfg, counter)?;
@@ -372,21 +353,6 @@ async fn run_fanned_out(
     stats.merge(&recon.stats);
     commit_stats(output.as_ref(), &stats, &handle, &mut written).await?;
     Ok(written)
-}
-
-/// Records in a PR shard (non-blank lines), for its claim check.
-fn count_records(key: &str, data: &[u8]) -> anyhow::Result<u64> {
-    let text = if key.ends_with(".zst") {
-        std::borrow::Cow::Owned(
-            zstd::stream::decode_all(data).map_err(|e| anyhow::anyhow!("{key}: {e}"))?,
-        )
-    } else {
-        std::borrow::Cow::Borrowed(data)
-    };
-    Ok(text
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-        .count() as u64)
 }
 
 fn job_id(r: Request<JobRef>) -> Result<String, Status> {

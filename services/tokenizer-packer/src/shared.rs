@@ -15,9 +15,8 @@ use davinci_runtime::fanout::{self, Claimed, Item, WaitOptions, Work};
 use davinci_runtime::jobs::JobHandle;
 use davinci_runtime::queue::WorkQueue;
 use davinci_tokenize::Tokenizer;
-use std::io::BufRead;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Jobs a worker keeps loaded at once.
 const KEEP_JOBS: usize = 4;
@@ -34,23 +33,6 @@ pub fn topic_for(uri: &str) -> &'static str {
         TRAJECTORIES_TOPIC
     } else {
         SAMPLES_TOPIC
-    }
-}
-
-/// Non-blank lines, for the claim check (0 when the shard cannot be read: its worker says why).
-fn count_records(uri: &str, data: &[u8]) -> u64 {
-    let lines = |r: &mut dyn BufRead| {
-        r.split(b'\n')
-            .map_while(Result::ok)
-            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-            .count() as u64
-    };
-    if uri.ends_with(".zst") {
-        zstd::Decoder::new(data)
-            .map(|d| lines(&mut std::io::BufReader::new(d)))
-            .unwrap_or(0)
-    } else {
-        lines(&mut &data[..])
     }
 }
 
@@ -162,28 +144,18 @@ pub async fn run(
     for input in storage::locate_inputs(&spec.inputs, &s3).await? {
         let uri = input.uri()?;
         let data = input.read().await?;
-        let records = count_records(&uri, &data);
-        items.push(Item::for_shard(
-            &run_id,
-            topic_for(&uri),
-            &uri,
-            &data,
-            records,
-        ));
+        items.push(Item::for_shard(&run_id, topic_for(&uri), &uri, &data));
     }
     let total = items.len() as u64;
 
     // Both topics at once; the job's progress counts the parts committed on both.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64)>();
-    let h = handle.clone();
-    let reporter = tokio::spawn(async move {
-        let mut done = [0u64; 2];
-        while let Some((topic, d)) = rx.recv().await {
-            done[topic] = d;
-            h.progress(done[0] + done[1], 2 * total, "input shards tokenized")
-                .await;
-        }
-    });
+    let done = [AtomicU64::new(0), AtomicU64::new(0)];
+    let (h, done) = (&handle, &done);
+    let report = move |topic: usize, d: u64| {
+        done[topic].store(d, Ordering::Relaxed);
+        let sum = done[0].load(Ordering::Relaxed) + done[1].load(Ordering::Relaxed);
+        h.progress(sum, 2 * total, "input shards tokenized")
+    };
     let on = |t: &str| -> Vec<Item> {
         items
             .iter()
@@ -193,8 +165,7 @@ pub async fn run(
     };
     let (samples, trajectories) = (on(SAMPLES_TOPIC), on(TRAJECTORIES_TOPIC));
     let (cancel, wait) = (handle.cancel_token(), WaitOptions::default());
-    let tx2 = tx.clone();
-    let distributed = tokio::try_join!(
+    tokio::try_join!(
         fanout::distribute(
             queue.as_ref(),
             SAMPLES_TOPIC,
@@ -202,9 +173,7 @@ pub async fn run(
             &samples,
             &cancel,
             &wait,
-            |d, _| {
-                let _ = tx.send((0, d));
-            }
+            move |d, _| report(0, d)
         ),
         fanout::distribute(
             queue.as_ref(),
@@ -213,14 +182,9 @@ pub async fn run(
             &trajectories,
             &cancel,
             &wait,
-            |d, _| {
-                let _ = tx2.send((1, d));
-            }
+            move |d, _| report(1, d)
         ),
-    );
-    drop((tx, tx2));
-    let _ = reporter.await;
-    distributed?;
+    )?;
 
     // Parts come in input order, fetched one ahead of the reducer.
     let (ptx, mut prx) = tokio::sync::mpsc::channel::<anyhow::Result<(PartSummary, Bytes)>>(1);
