@@ -72,7 +72,7 @@ fn fixture_repo(dir: &Path) {
 fn spec(repo: &Path, storage: &str) -> String {
     let tok = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../tokenize/tests/fixtures/tiny-qwen-shape.json"
+        "/../../crates/tokenize/tests/fixtures/tiny-qwen-shape.json"
     );
     format!(
         "run_id: fixture\nstorage: {storage}\nsources:\n  repos: [{}]\ntokenizer: {tok}\npacking:\n  seq_len: 2048\nmixture:\n  stages:\n    - name: stage1\n      datasets: [{{source: ctx-general}}]\n    - name: stage2\n      datasets: [{{source: ctx-python}}]\n",
