@@ -88,6 +88,17 @@ pub struct Args {
     /// Requests each GitHub token may make per hour.
     #[arg(long, default_value_t = 5000)]
     pub github_budget: u64,
+    /// GraphQL points each GitHub token may spend per hour (a budget beside --github-budget).
+    #[arg(long, default_value_t = 5000)]
+    pub github_points: u64,
+    /// With --github: PRs whose metadata one GraphQL query fetches (0: one PR at a time, a
+    /// REST call, a GraphQL query and a REST call per linked issue each).
+    #[arg(long, default_value_t = 25)]
+    pub github_batch: usize,
+    /// With --github: also hold every kept PR against the API's commits and files (two or
+    /// more REST requests per PR: about 2,500 PRs per token-hour).
+    #[arg(long, requires = "github")]
+    pub api_cross_check: bool,
     /// Repositories never crawled (`owner/name`, repeatable). Default: the 12 SWE-bench
     /// Verified repositories.
     #[arg(long = "exclude-repo", value_name = "OWNER/NAME")]
@@ -131,6 +142,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut cfg = CrawlConfig::new(&args.run);
     cfg.shard_records = args.shard_records;
     cfg.max_prs_per_repo = args.max_prs_per_repo;
+    cfg.api_cross_check = args.api_cross_check;
+    cfg.api_batch = (args.github_batch > 0).then(|| davinci_crawler::batch::BatchPages {
+        prs: args.github_batch,
+        ..Default::default()
+    });
     cfg.git.max_file_bytes = args.max_file_bytes;
     cfg.git.max_commits = args.max_commits;
     cfg.filter.subset = args.subset;
@@ -181,6 +197,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let gh_cfg = GithubConfig {
             api_url: args.github_api_url.clone(),
             budget_per_window: args.github_budget,
+            graphql_points_per_window: args.github_points,
             ..Default::default()
         };
         github = Some(Arc::new(

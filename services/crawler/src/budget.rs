@@ -1,7 +1,8 @@
 //! Request budgets for GitHub tokens, shared by every crawler replica.
 //!
-//! Each token may spend `limit` requests per window. A replica takes one unit before every
-//! request ([`TokenBudget::try_acquire`]) and reports what GitHub said afterwards
+//! Each token may spend `limit` units per window (REST: requests; GraphQL: points, under a key
+//! of their own). A replica takes a request's units before sending it
+//! ([`TokenBudget::try_acquire`]) and reports what GitHub said afterwards
 //! ([`TokenBudget::observe`]: `x-ratelimit-remaining` / `x-ratelimit-reset`), so the shared
 //! count follows the server's own: the server's reset time becomes the window end and the
 //! remaining count never rises above what the server reported. Tokens are stored under a hash
@@ -10,7 +11,7 @@ use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// What taking one request from a token's budget gave.
+/// What taking units from a token's budget gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acquire {
     Granted,
@@ -22,10 +23,12 @@ pub enum Acquire {
 
 #[async_trait]
 pub trait TokenBudget: Send + Sync + std::fmt::Debug {
-    /// Takes one request from `token_id`'s budget in the current window.
+    /// Takes `units` (at most `limit`) from `token_id`'s budget in the current window, or
+    /// none when fewer are left.
     async fn try_acquire(
         &self,
         token_id: &str,
+        units: u64,
         limit: u64,
         window_secs: u64,
         now: u64,
@@ -51,10 +54,12 @@ impl TokenBudget for MemoryBudget {
     async fn try_acquire(
         &self,
         token_id: &str,
+        units: u64,
         limit: u64,
         window_secs: u64,
         now: u64,
     ) -> anyhow::Result<Acquire> {
+        let units = units.clamp(1, limit.max(1));
         let mut slots = self.slots.lock().expect("budget lock");
         let slot = slots
             .entry(token_id.to_string())
@@ -62,10 +67,10 @@ impl TokenBudget for MemoryBudget {
         if now >= slot.1 {
             *slot = (limit, now + window_secs);
         }
-        if slot.0 == 0 {
+        if slot.0 < units {
             return Ok(Acquire::Exhausted { until: slot.1 });
         }
-        slot.0 -= 1;
+        slot.0 -= units;
         Ok(Acquire::Granted)
     }
 
@@ -115,18 +120,18 @@ impl std::fmt::Debug for RedisBudget {
 }
 
 const ACQUIRE_LUA: &str = r#"
-local limit, window, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local limit, window, now, units = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local rem = tonumber(redis.call('HGET', KEYS[1], 'remaining'))
 local reset = tonumber(redis.call('HGET', KEYS[1], 'reset'))
 if rem == nil or reset == nil or now >= reset then
   rem = limit
   reset = now + window
 end
-if rem <= 0 then
+if rem < units then
   redis.call('HSET', KEYS[1], 'remaining', rem, 'reset', reset)
   return {0, reset}
 end
-redis.call('HSET', KEYS[1], 'remaining', rem - 1, 'reset', reset)
+redis.call('HSET', KEYS[1], 'remaining', rem - units, 'reset', reset)
 redis.call('EXPIREAT', KEYS[1], reset + 3600)
 return {1, reset}
 "#;
@@ -170,6 +175,7 @@ impl TokenBudget for RedisBudget {
     async fn try_acquire(
         &self,
         token_id: &str,
+        units: u64,
         limit: u64,
         window_secs: u64,
         now: u64,
@@ -180,6 +186,7 @@ impl TokenBudget for RedisBudget {
             .arg(limit)
             .arg(window_secs)
             .arg(now)
+            .arg(units.clamp(1, limit.max(1)))
             .invoke_async(&mut conn)
             .await
             .map_err(|e| anyhow::anyhow!("token budget script: {e}"))?;
@@ -219,27 +226,40 @@ mod tests {
         let b = MemoryBudget::default();
         for _ in 0..3 {
             assert_eq!(
-                b.try_acquire("t", 3, 10, 100).await.unwrap(),
+                b.try_acquire("t", 1, 3, 10, 100).await.unwrap(),
                 Acquire::Granted
             );
         }
         assert_eq!(
-            b.try_acquire("t", 3, 10, 101).await.unwrap(),
+            b.try_acquire("t", 1, 3, 10, 101).await.unwrap(),
             Acquire::Exhausted { until: 110 }
         );
         assert_eq!(
-            b.try_acquire("t", 3, 10, 110).await.unwrap(),
+            b.try_acquire("t", 1, 3, 10, 110).await.unwrap(),
             Acquire::Granted
         );
         // the server says only 1 left until 130: that wins over the local 2
         b.observe("t", 1, 130, 111).await.unwrap();
         assert_eq!(
-            b.try_acquire("t", 3, 10, 112).await.unwrap(),
+            b.try_acquire("t", 1, 3, 10, 112).await.unwrap(),
             Acquire::Granted
         );
         assert_eq!(
-            b.try_acquire("t", 3, 10, 121).await.unwrap(),
+            b.try_acquire("t", 1, 3, 10, 121).await.unwrap(),
             Acquire::Exhausted { until: 130 }
+        );
+        // several units at once, never more than are left
+        assert_eq!(
+            b.try_acquire("g", 4, 5, 10, 200).await.unwrap(),
+            Acquire::Granted
+        );
+        assert_eq!(
+            b.try_acquire("g", 2, 5, 10, 201).await.unwrap(),
+            Acquire::Exhausted { until: 210 }
+        );
+        assert_eq!(
+            b.try_acquire("g", 1, 5, 10, 202).await.unwrap(),
+            Acquire::Granted
         );
     }
 }

@@ -37,6 +37,9 @@ pub struct GithubConfig {
     /// Requests each token may make per window, and the window (GitHub: 5000 per hour).
     pub budget_per_window: u64,
     pub window_secs: u64,
+    /// GraphQL points each token may spend per window (GitHub: 5000 per hour), a budget
+    /// separate from the REST requests', spent side by side with it.
+    pub graphql_points_per_window: u64,
     /// Attempts per request before giving up (rate-limit waits do not count).
     pub max_attempts: u32,
     /// Back-off after an HTML abuse page or a 403/429 without `retry-after`.
@@ -55,6 +58,7 @@ impl Default for GithubConfig {
             user_agent: "davinci-crawler".into(),
             budget_per_window: 5000,
             window_secs: 3600,
+            graphql_points_per_window: 5000,
             max_attempts: 6,
             secondary_backoff: Duration::from_secs(60),
             max_wait: Duration::from_secs(3700),
@@ -86,6 +90,10 @@ pub struct WireStats {
     pub html_pages: AtomicU64,
     pub server_errors: AtomicU64,
     pub budget_waits: AtomicU64,
+    /// GraphQL queries sent, and the points they cost (as the server reported in `rateLimit`,
+    /// else as estimated before sending).
+    pub graphql_queries: AtomicU64,
+    pub graphql_points: AtomicU64,
 }
 
 impl WireStats {
@@ -99,6 +107,8 @@ impl WireStats {
             ("html_pages", g(&self.html_pages)),
             ("server_errors", g(&self.server_errors)),
             ("budget_waits", g(&self.budget_waits)),
+            ("graphql_queries", g(&self.graphql_queries)),
+            ("graphql_points", g(&self.graphql_points)),
         ])
     }
 }
@@ -107,6 +117,23 @@ struct Token {
     secret: String,
     /// Hash of the secret: the only name a token has outside this process.
     id: String,
+}
+
+/// The two budgets GitHub keeps per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resource {
+    Rest,
+    Graphql,
+}
+
+impl Token {
+    /// The budget key: REST under the token's id, GraphQL points beside it.
+    fn key(&self, r: Resource) -> String {
+        match r {
+            Resource::Rest => self.id.clone(),
+            Resource::Graphql => format!("{}:graphql", self.id),
+        }
+    }
 }
 
 /// A REST/GraphQL client with a token pool, shared budgets, ETag cache and retries.
@@ -138,7 +165,7 @@ pub struct Page {
 
 static LINK_NEXT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r#"<([^>]+)>\s*;\s*rel="next""#).expect("valid regex"));
-static FIXES_RE: LazyLock<Regex> = LazyLock::new(|| {
+pub(crate) static FIXES_RE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?i)\b(?:close[sd]?|fix(?:e[sd])?|resolve[sd]?)\s*:?\s+#(\d+)\b")
         .expect("valid regex")
 });
@@ -249,8 +276,12 @@ impl GithubClient {
         }
     }
 
-    /// Waits until some token has budget; returns its index.
-    async fn take_token(&self) -> Result<usize> {
+    /// Waits until some token has `units` of `resource` left; returns its index.
+    async fn take_token(&self, resource: Resource, units: u64) -> Result<usize> {
+        let limit = match resource {
+            Resource::Rest => self.cfg.budget_per_window,
+            Resource::Graphql => self.cfg.graphql_points_per_window,
+        };
         loop {
             let start = self.next.fetch_add(1, Ordering::Relaxed) as usize;
             let mut earliest = u64::MAX;
@@ -259,8 +290,9 @@ impl GithubClient {
                 match self
                     .budget
                     .try_acquire(
-                        &self.tokens[i].id,
-                        self.cfg.budget_per_window,
+                        &self.tokens[i].key(resource),
+                        units,
+                        limit,
                         self.cfg.window_secs,
                         now_secs(),
                     )
@@ -290,36 +322,63 @@ impl GithubClient {
     /// GET with the politeness rules; `Ok(None)` for 404.
     pub async fn get(&self, path_or_url: &str) -> Result<Option<Page>> {
         let url = self.url(path_or_url);
-        self.send(&url, None).await
+        self.send(&url, None, 1).await
     }
 
-    /// POST a GraphQL query; GraphQL-level errors are returned as an error naming them.
+    /// POST a GraphQL query that costs one point; GraphQL-level errors are returned as an
+    /// error naming them.
     pub async fn graphql(&self, query: &str, variables: Value) -> Result<Value> {
+        let (data, errors) = self.graphql_partial(query, variables, 1).await?;
+        if !errors.is_empty() {
+            bail!("GraphQL errors: {}", error_messages(&errors));
+        }
+        Ok(data)
+    }
+
+    /// POST a GraphQL query whose cost is `points` (taken from the GraphQL budget before it
+    /// is sent); returns `data` and the errors that came with it. `NOT_FOUND` errors leave
+    /// `null` where the missing object would be, so a batch survives a PR that is gone; an
+    /// answer without `data` is an error.
+    pub async fn graphql_partial(
+        &self,
+        query: &str,
+        variables: Value,
+        points: u64,
+    ) -> Result<(Value, Vec<Value>)> {
         let url = self.cfg.graphql_endpoint();
         let body = json!({"query": query, "variables": variables});
         let page = self
-            .send(&url, Some(body))
+            .send(&url, Some(body), points)
             .await?
             .ok_or_else(|| anyhow!("GraphQL endpoint {url} answered 404"))?;
-        if let Some(errs) = page
+        let charged = page
+            .body
+            .pointer("/data/rateLimit/cost")
+            .and_then(|c| c.as_u64())
+            .unwrap_or(points);
+        self.stats.graphql_queries.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .graphql_points
+            .fetch_add(charged, Ordering::Relaxed);
+        let errors = page
             .body
             .get("errors")
             .and_then(|e| e.as_array())
-            .filter(|e| !e.is_empty())
-        {
-            let msgs: Vec<_> = errs
-                .iter()
-                .filter_map(|e| e.get("message").and_then(|m| m.as_str()))
-                .collect();
-            bail!("GraphQL errors: {}", msgs.join("; "));
-        }
-        page.body
-            .get("data")
             .cloned()
-            .ok_or_else(|| anyhow!("GraphQL answer without `data`"))
+            .unwrap_or_default();
+        match page.body.get("data").filter(|d| !d.is_null()) {
+            Some(d) => Ok((d.clone(), errors)),
+            None if errors.is_empty() => bail!("GraphQL answer without `data`"),
+            None => bail!("GraphQL errors: {}", error_messages(&errors)),
+        }
     }
 
-    async fn send(&self, url: &str, post: Option<Value>) -> Result<Option<Page>> {
+    async fn send(&self, url: &str, post: Option<Value>, units: u64) -> Result<Option<Page>> {
+        let resource = if post.is_some() {
+            Resource::Graphql
+        } else {
+            Resource::Rest
+        };
         let cached = match post {
             None => self.cache.get(url).await.unwrap_or_else(|e| {
                 tracing::warn!(%url, error = %format!("{e:#}"), "GitHub response cache unreadable");
@@ -330,7 +389,7 @@ impl GithubClient {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let ti = self.take_token().await?;
+            let ti = self.take_token(resource, units).await?;
             let token = &self.tokens[ti];
             let mut req = match &post {
                 Some(b) => self.http.post(url).json(b),
@@ -363,7 +422,7 @@ impl GithubClient {
             if let (Some(rem), Some(reset)) = (remaining, reset) {
                 // one second of margin against clock skew with the server's window
                 self.budget
-                    .observe(&token.id, rem, reset + 1, now_secs())
+                    .observe(&token.key(resource), rem, reset + 1, now_secs())
                     .await?;
             }
             let retry_after = header("retry-after").and_then(|v| v.trim().parse::<u64>().ok());
@@ -983,11 +1042,20 @@ pub struct MergedPull {
     pub author: Author,
 }
 
+/// The messages of GraphQL errors, joined.
+fn error_messages(errors: &[Value]) -> String {
+    errors
+        .iter()
+        .filter_map(|e| e.get("message").and_then(|m| m.as_str()))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(200u64.saturating_mul(1 << attempt.min(8)))
 }
 
-fn str_of(v: &Value, k: &str) -> String {
+pub(crate) fn str_of(v: &Value, k: &str) -> String {
     v.get(k)
         .and_then(|x| x.as_str())
         .unwrap_or_default()
@@ -1030,7 +1098,7 @@ fn author_from(user: Option<&Value>, assoc: Option<&Value>) -> Author {
     }
 }
 
-fn author_from_gql(node: &Value) -> Author {
+pub(crate) fn author_from_gql(node: &Value) -> Author {
     let login = node
         .pointer("/author/login")
         .and_then(|l| l.as_str())
@@ -1052,7 +1120,7 @@ fn author_from_gql(node: &Value) -> Author {
     }
 }
 
-fn reviews_from_graphql(node: &Value) -> Vec<Review> {
+pub(crate) fn reviews_from_graphql(node: &Value) -> Vec<Review> {
     node.pointer("/reviews/nodes")
         .and_then(|n| n.as_array())
         .into_iter()

@@ -10,6 +10,7 @@
 //! A crawl stopped at any point and started again resumes each repository after its
 //! checkpoint: the PRs after it are processed again in the same order, so shard boundaries,
 //! shard bytes and counts come out as in an uninterrupted run.
+use crate::batch::BatchPages;
 use crate::crosscheck::{self, ApiCheckCounts};
 use crate::filter::{Counts, FilterConfig};
 use crate::git::{self, Extracted, GitOptions, GitSource};
@@ -39,6 +40,13 @@ pub struct CrawlConfig {
     /// Where repositories named by GH Archive or discovery are cloned from
     /// (`{web_url}/{owner}/{name}.git`).
     pub web_url: String,
+    /// GitHub metadata (with a client in [`Sinks::github`]): `Some` fetches it for many PRs
+    /// per GraphQL query ([`crate::batch`]), `None` one PR at a time (REST `pulls/{n}`, one
+    /// GraphQL query, REST per linked issue and the repository).
+    pub api_batch: Option<BatchPages>,
+    /// Also hold each kept PR against the REST API's commits and files ([`crosscheck`]): two
+    /// or more REST requests per PR, which bounds a token to about 2,500 PRs an hour.
+    pub api_cross_check: bool,
 }
 
 impl CrawlConfig {
@@ -51,6 +59,8 @@ impl CrawlConfig {
             cache_dir: std::env::temp_dir().join("davinci-crawl-clones"),
             max_prs_per_repo: 0,
             web_url: "https://github.com".into(),
+            api_batch: Some(BatchPages::default()),
+            api_cross_check: false,
         }
     }
 }
@@ -115,9 +125,14 @@ pub struct CrawlStats {
     /// The GitHub API's commits and files held against git (only with the API).
     #[serde(default, skip_serializing_if = "ApiCheckCounts::is_empty")]
     pub api_check: ApiCheckCounts,
-    /// Per GH Archive file: pull-request events in, candidates out, drops by reason.
+    /// Per GH Archive file: pull-request events in, candidates out, drops by reason, events
+    /// and candidates by shape.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub gharchive: BTreeMap<String, Counts>,
+    pub gharchive: BTreeMap<String, crate::gharchive::ArchiveFileStats>,
+    /// Sources that gave nothing where something was expected (a GH Archive file with
+    /// pull-request events but no merge candidate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Repositories found by discovery (`owner/name`, most starred first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub discovered: Vec<String>,
@@ -181,9 +196,10 @@ pub struct Sinks {
     /// Set to stop at the next PR; nothing after that point is written.
     pub cancel: Arc<AtomicBool>,
     /// When set, every extracted PR is enriched from the GitHub API (body, author type and
-    /// association, labels, linked issues, reviews, comments) before the filters run, each kept
-    /// PR is cross-checked with the API's commits and files ([`crosscheck`]), and PR numbers
-    /// asked for (`RepoSpec::only`) that no commit message names are located through the API.
+    /// association, labels, linked issues, reviews, comments) before the filters run, in
+    /// batches ([`CrawlConfig::api_batch`]); with [`CrawlConfig::api_cross_check`] each kept PR
+    /// is cross-checked with the API's commits and files ([`crosscheck`]); PR numbers asked
+    /// for (`RepoSpec::only`) that no commit message names are located through the API.
     pub github: Option<Arc<crate::github::GithubClient>>,
 }
 
@@ -477,38 +493,60 @@ async fn drive(
     });
     let mut buffer: Vec<PullRequest> = Vec::new();
     let mut through = cp.done_through;
-    while let Some(msg) = rx.recv().await {
-        let FromGit::Done { number, result } = msg else {
+    // extracted PRs wait here until a batch of them can be enriched together
+    let batch = match (&sinks.github, &cfg.api_batch) {
+        (Some(_), Some(p)) => p.prs.max(1),
+        _ => 1,
+    };
+    let mut pending: Vec<(u64, Result<Extracted>)> = Vec::new();
+    loop {
+        let msg = rx.recv().await;
+        let last = msg.is_none();
+        if let Some(FromGit::Done { number, result }) = msg {
+            if sinks.cancel.load(Ordering::SeqCst) {
+                return Err(anyhow!("crawl cancelled during {repo} at PR #{number}"));
+            }
+            pending.push((number, result));
+            let prs = pending
+                .iter()
+                .filter(|(_, r)| matches!(r, Ok(Extracted::Pr(_))))
+                .count();
+            if prs < batch {
+                continue;
+            }
+        } else if !last {
             continue;
-        };
-        if sinks.cancel.load(Ordering::SeqCst) {
-            return Err(anyhow!("crawl cancelled during {repo} at PR #{number}"));
         }
-        let (dropped, api_mismatch) = match result
-            .with_context(|| format!("extracting PR #{number} of {repo}"))?
-        {
-            Extracted::Dropped(why) => (Some(why.to_string()), false),
-            Extracted::Pr(pr) => match complete(cfg, sinks, &repo, *pr, &mut cp.api_check).await? {
-                Ok((pr, mismatch)) => {
-                    buffer.push(pr);
-                    (None, mismatch)
-                }
-                Err(why) => (Some(why.to_string()), false),
-            },
-        };
-        match &dropped {
-            Some(why) => cp.counts.drop(why),
-            None => cp.counts.keep(),
+        let outcomes = settle(
+            cfg,
+            sinks,
+            &repo,
+            std::mem::take(&mut pending),
+            &mut cp.api_check,
+        )
+        .await?;
+        for (number, dropped, api_mismatch, pr) in outcomes {
+            if sinks.cancel.load(Ordering::SeqCst) {
+                return Err(anyhow!("crawl cancelled during {repo} at PR #{number}"));
+            }
+            match &dropped {
+                Some(why) => cp.counts.drop(why),
+                None => cp.counts.keep(),
+            }
+            buffer.extend(pr);
+            through = Some(number);
+            sinks.emit(Event::PrDone {
+                repo: repo.clone(),
+                number,
+                dropped,
+                api_mismatch,
+            });
+            if buffer.len() >= cfg.shard_records {
+                flush(cfg, sinks, &mut cp, &mut buffer, through, &ck_key, false).await?;
+            }
         }
-        through = Some(number);
-        sinks.emit(Event::PrDone {
-            repo: repo.clone(),
-            number,
-            dropped,
-            api_mismatch,
-        });
-        if buffer.len() >= cfg.shard_records {
-            flush(cfg, sinks, &mut cp, &mut buffer, through, &ck_key, false).await?;
+        if last {
+            break;
         }
     }
     if sinks.cancel.load(Ordering::SeqCst) {
@@ -522,29 +560,92 @@ async fn drive(
     Ok(Some(cp))
 }
 
-/// Completes one extracted PR from the API (when the crawl has a client and the API knows the
-/// PR), applies the filters and cross-checks a kept PR with the API's commits and files.
+/// One PR's outcome: its number, the drop reason (or `None`), whether the API's commits or
+/// files disagree with git, and the record when kept.
+type Outcome = (u64, Option<String>, bool, Option<PullRequest>);
+
+/// Outcomes for extracted PRs, in order: the kept ones are enriched from the API together
+/// (one batch when [`CrawlConfig::api_batch`] is set), then filtered and, with
+/// [`CrawlConfig::api_cross_check`], held against the API's commits and files.
+async fn settle(
+    cfg: &CrawlConfig,
+    sinks: &Sinks,
+    repo: &str,
+    pending: Vec<(u64, Result<Extracted>)>,
+    counts: &mut ApiCheckCounts,
+) -> Result<Vec<Outcome>> {
+    let mut prs: Vec<PullRequest> = Vec::new();
+    let mut slots: Vec<(u64, std::result::Result<usize, String>)> = Vec::new();
+    for (number, result) in pending {
+        match result.with_context(|| format!("extracting PR #{number} of {repo}"))? {
+            Extracted::Dropped(why) => slots.push((number, Err(why.to_string()))),
+            Extracted::Pr(pr) => {
+                slots.push((number, Ok(prs.len())));
+                prs.push(*pr);
+            }
+        }
+    }
+    let known = match &sinks.github {
+        None => vec![false; prs.len()],
+        Some(gh) => match &cfg.api_batch {
+            Some(pages) if !prs.is_empty() => gh
+                .enrich_batch(&mut prs, pages)
+                .await
+                .with_context(|| format!("GitHub metadata of {} PRs of {repo}", prs.len()))?,
+            Some(_) => Vec::new(),
+            None => {
+                let mut known = Vec::with_capacity(prs.len());
+                for pr in &mut prs {
+                    known.push(
+                        gh.enrich(pr)
+                            .await
+                            .with_context(|| format!("GitHub metadata of {}", pr.id))?,
+                    );
+                }
+                known
+            }
+        },
+    };
+    let mut prs: Vec<Option<PullRequest>> = prs.into_iter().map(Some).collect();
+    let mut out = Vec::with_capacity(slots.len());
+    for (number, slot) in slots {
+        let i = match slot {
+            Err(why) => {
+                out.push((number, Some(why), false, None));
+                continue;
+            }
+            Ok(i) => i,
+        };
+        let pr = prs[i].take().expect("each PR is settled once");
+        out.push(
+            match complete(cfg, sinks, repo, pr, known[i], counts).await? {
+                Ok((pr, mismatch)) => (number, None, mismatch, Some(pr)),
+                Err(why) => (number, Some(why.to_string()), false, None),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Applies the filters to one PR (already completed from the API when `known`) and, with
+/// [`CrawlConfig::api_cross_check`], cross-checks a kept one with the API's commits and files.
 /// `Ok(Err(reason))` for a dropped PR; `Ok(Ok((pr, mismatch)))` for a kept one.
 async fn complete(
     cfg: &CrawlConfig,
     sinks: &Sinks,
     repo: &str,
     mut pr: PullRequest,
+    known: bool,
     counts: &mut ApiCheckCounts,
 ) -> Result<std::result::Result<(PullRequest, bool), &'static str>> {
-    let mut api = None;
-    if let Some(gh) = &sinks.github
-        && gh
-            .enrich(&mut pr)
-            .await
-            .with_context(|| format!("GitHub metadata of {}", pr.id))?
-    {
-        api = Some(gh);
-    }
     if let Some(why) = cfg.filter.check(&pr) {
         return Ok(Err(why));
     }
-    let Some(gh) = api else {
+    let Some(gh) = sinks
+        .github
+        .as_ref()
+        .filter(|_| known && cfg.api_cross_check)
+    else {
         return Ok(Ok((pr, false)));
     };
     let changes = gh

@@ -455,6 +455,7 @@ async fn run_shared(
         stage: "crawl".into(),
         run_id: cfg.run_id.clone(),
         gharchive: resolved.gharchive,
+        warnings: resolved.warnings,
         discovered: resolved.discovered,
         ..Default::default()
     };

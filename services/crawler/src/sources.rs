@@ -1,8 +1,7 @@
 //! What a crawl reads: explicit repositories, GH Archive hourly files and GitHub search
 //! discovery, resolved into one list of repositories to crawl. `davinci crawl` and the crawler
 //! gRPC service both go through [`crawl`] (or [`resolve`] when they crawl the list themselves).
-use crate::filter::Counts;
-use crate::gharchive::{self, ArchiveCandidate};
+use crate::gharchive::{self, ArchiveCandidate, ArchiveFileStats};
 use crate::github::{Discovery, GithubClient};
 use crate::pipeline::{self, CrawlConfig, CrawlStats, Event, RepoSpec, Sinks};
 use anyhow::{Context, Result, bail};
@@ -30,16 +29,21 @@ impl Inputs {
 #[derive(Debug, Clone, Default)]
 pub struct Resolved {
     pub repos: Vec<RepoSpec>,
-    /// Per GH Archive file: pull-request events in, candidates out, drops by reason.
-    pub gharchive: BTreeMap<String, Counts>,
+    /// Per GH Archive file: pull-request events in, candidates out, drops by reason, events
+    /// and candidates by shape.
+    pub gharchive: BTreeMap<String, ArchiveFileStats>,
+    /// Sources that gave nothing where something was expected (each also logged).
+    pub warnings: Vec<String>,
     /// Repositories discovery found, most starred first.
     pub discovered: Vec<String>,
 }
 
 /// Reads the GH Archive files and runs discovery. `api` is needed for discovery; with it, GH
-/// Archive events whose payload was trimmed (no merge state) are settled by the API first, so
-/// repositories whose PRs all closed unmerged are never cloned. Repositories from both are
-/// cloned from `cfg.web_url`.
+/// Archive closings whose payload was trimmed (no merge state) are settled by the API first,
+/// so repositories whose PRs all closed unmerged are never cloned; `merged` events and full
+/// payloads need no call. The same PR seen in several events or hours is one candidate
+/// ([`gharchive::decide`]). A file with pull-request events but no merge candidate is warned
+/// about by name. Repositories from both are cloned from `cfg.web_url`.
 pub async fn resolve(
     cfg: &CrawlConfig,
     inputs: &Inputs,
@@ -72,29 +76,55 @@ pub async fn resolve(
             });
         }
     }
-    let mut all: Vec<ArchiveCandidate> = Vec::new();
+    let mut hours = Vec::with_capacity(inputs.gharchive.len());
     for source in &inputs.gharchive {
         let data = read_source(source, s3).await?;
-        let (cands, mut counts) = gharchive::read_hour(&data[..])
-            .with_context(|| format!("reading GH Archive file {source}"))?;
-        for c in cands {
-            match (c.merged, api) {
-                (None, Some(api)) => match gharchive::fill_from_api(api, c.clone())
+        hours.push(
+            gharchive::read_hour(&data[..])
+                .with_context(|| format!("reading GH Archive file {source}"))?,
+        );
+    }
+    let (decided, mut files) = gharchive::decide(&hours);
+    let mut all: Vec<ArchiveCandidate> = Vec::new();
+    for d in decided {
+        let stats = &mut files[d.file];
+        match (d.cand.merged, api) {
+            (None, Some(api)) => {
+                let (repo, number) = (d.cand.repo.clone(), d.cand.number);
+                match gharchive::fill_from_api(api, d.cand)
                     .await
-                    .with_context(|| format!("settling {}#{} with the API", c.repo, c.number))?
+                    .with_context(|| format!("settling {repo}#{number} with the API"))?
                 {
-                    Some(f) if f.author_is_bot => settle(&mut counts, "bot_author"),
-                    Some(f) => all.push(f),
-                    None => settle(&mut counts, "not_merged"),
-                },
-                _ => all.push(c),
+                    Some(f) if f.author_is_bot => stats.counts.drop("bot_author"),
+                    Some(f) => {
+                        stats.keep(d.shape);
+                        all.push(f);
+                    }
+                    None => stats.counts.drop("not_merged"),
+                }
             }
+            _ => {
+                stats.keep(d.shape);
+                all.push(d.cand);
+            }
+        }
+    }
+    for (source, stats) in inputs.gharchive.iter().zip(files) {
+        if stats.counts.input > 0 && stats.counts.out == 0 {
+            let warning = format!(
+                "GH Archive file {source}: {} pull-request events ({}) but no merge candidate; \
+                 has the feed changed how it marks merges?",
+                stats.counts.input,
+                shape_summary(&stats.events)
+            );
+            tracing::warn!("{warning}");
+            out.warnings.push(warning);
         }
         sinks.emit(Event::ArchiveRead {
             source: source.clone(),
-            counts: counts.clone(),
+            counts: stats.counts.clone(),
         });
-        out.gharchive.insert(source.clone(), counts);
+        out.gharchive.insert(source.clone(), stats);
     }
     for (repo, numbers) in gharchive::by_repo(&all) {
         crate::git::validate_full_name(&repo)?;
@@ -119,10 +149,13 @@ pub async fn resolve(
     Ok(out)
 }
 
-/// A candidate the API turned down: no longer out, dropped for `why`.
-fn settle(counts: &mut Counts, why: &str) {
-    counts.out -= 1;
-    *counts.drops.entry(why.to_string()).or_default() += 1;
+/// `merged=0, closed_merged=2, …` for a warning.
+fn shape_summary(events: &BTreeMap<String, u64>) -> String {
+    events
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The bytes of a GH Archive file: a local path, `file://` or `s3://bucket/key`.
@@ -163,6 +196,7 @@ pub async fn crawl(
         stage: "crawl".into(),
         run_id: cfg.run_id.clone(),
         gharchive: resolved.gharchive,
+        warnings: resolved.warnings,
         discovered: resolved.discovered,
         ..Default::default()
     };

@@ -4,9 +4,7 @@
 mod common;
 
 use common::{Data, cfg, commit_json, file_json, git, pull_json, serve_with, user};
-use davinci_core::pr::{
-    AuthorType, FileStatus, GitRef, PR_SCHEMA, PrSource, PullRequest, RepoMeta,
-};
+use davinci_core::pr::{AuthorType, FileStatus, PullRequest};
 use davinci_crawler::budget::{MemoryBudget, RedisBudget, TokenBudget};
 use davinci_crawler::github::{Discovery, GithubClient};
 use davinci_crawler::httpcache::{BlobCache, RedisCache, ResponseCache};
@@ -20,31 +18,7 @@ async fn serve() -> (String, common::S) {
 }
 
 fn skeleton(n: u64) -> PullRequest {
-    PullRequest {
-        schema: PR_SCHEMA.into(),
-        id: PullRequest::make_id("acme/widgets", n),
-        repo: RepoMeta {
-            full_name: "acme/widgets".into(),
-            ..Default::default()
-        },
-        number: n,
-        title: String::new(),
-        body: String::new(),
-        author: Default::default(),
-        created_at: None,
-        merged_at: Some("x".into()),
-        base: GitRef::default(),
-        head: GitRef::default(),
-        merge_commit_sha: "m".into(),
-        labels: vec![],
-        linked_issues: vec![],
-        commits: vec![],
-        base_files: vec![],
-        reviews: vec![],
-        comments: vec![],
-        source: PrSource::Git,
-        extra: Default::default(),
-    }
+    common::skeleton("acme/widgets", n)
 }
 
 /// Discovery, merged PR listing and enrichment of every merged PR.
@@ -276,6 +250,13 @@ async fn records(store: &dyn BlobStore, run: &str) -> Vec<PullRequest> {
     prs
 }
 
+/// A crawl that holds kept PRs against the API's commits and files.
+fn checked(run: &str) -> CrawlConfig {
+    let mut cfg = CrawlConfig::new(run);
+    cfg.api_cross_check = true;
+    cfg
+}
+
 fn client(base: &str, budget: u64, token: &str) -> Arc<GithubClient> {
     Arc::new(
         GithubClient::new(
@@ -318,7 +299,7 @@ async fn git_crawl_enriched_from_the_api() {
     let mut sinks = Sinks::new(store.clone());
     sinks.github = Some(client(&base, 8, "tok-e"));
     let stats = pipeline::crawl_git(
-        &CrawlConfig::new("gh"),
+        &checked("gh"),
         &[RepoSpec::new(d.display().to_string())],
         &sinks,
     )
@@ -430,7 +411,7 @@ async fn api_commits_and_files_cross_check_the_git_record() {
     let mut sinks = Sinks::new(store.clone());
     sinks.github = Some(client(&base, 1000, "tok-x"));
     let stats = pipeline::crawl_git(
-        &CrawlConfig::new("x"),
+        &checked("x"),
         &[RepoSpec::new(d.display().to_string())],
         &sinks,
     )
@@ -590,7 +571,7 @@ async fn prs_no_message_names_are_located_by_the_api() {
         name: Some(name.clone()),
         only: Some([20, 21, 22, 23, 24].into()),
     };
-    let stats = pipeline::crawl_git(&CrawlConfig::new("l"), &[spec], &sinks)
+    let stats = pipeline::crawl_git(&checked("l"), &[spec], &sinks)
         .await
         .unwrap();
     assert_eq!((stats.totals.input, stats.totals.out), (5, 3), "{stats:?}");
@@ -631,7 +612,7 @@ async fn prs_no_message_names_are_located_by_the_api() {
 
     // a second run of the same crawl resumes from the complete checkpoint: same counts
     let again = pipeline::crawl_git(
-        &CrawlConfig::new("l"),
+        &checked("l"),
         &[RepoSpec {
             source: d.display().to_string(),
             name: Some(name),

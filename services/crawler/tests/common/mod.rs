@@ -1,9 +1,13 @@
 //! A fake GitHub for the crawler tests (axum on 127.0.0.1:0): REST with Link pagination,
-//! ETags and per-token rate limits in fixed windows, GraphQL, search, and faults injected once
-//! per path (429 with `retry-after`, an HTML abuse page, a 502). Payloads copy the shape of
-//! GitHub's (see shared/data/github/rest), with our own small contents; each test sets the
-//! repositories, PRs, commits and files it needs in [`Data`].
+//! ETags and per-token rate limits in fixed windows, GraphQL (a real parser and executor,
+//! [`graphql`]) charged in points by GitHub's formula against a budget of its own per token,
+//! search, and faults injected once per path (429 with `retry-after`, an HTML abuse page, a
+//! 502). Payloads copy the shape of GitHub's (see shared/data/github/rest), with our own small
+//! contents; each test sets the repositories, PRs, commits and files it needs in [`Data`]. One
+//! model of each PR's conversation ([`Conversation`]) is rendered by both REST and GraphQL.
 #![allow(dead_code)] // each test crate uses its own part of the fake
+
+pub mod graphql;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -31,6 +35,60 @@ pub struct Data {
     /// (`owner/name`, n) → `/pulls/{n}/commits` and `/pulls/{n}/files`.
     pub commits: HashMap<(String, u64), Vec<Value>>,
     pub files: HashMap<(String, u64), Vec<Value>>,
+    /// (`owner/name`, n) → reviews, comments and closing references; PRs not named here have
+    /// [`Conversation::standard`].
+    pub conversations: HashMap<(String, u64), Conversation>,
+    /// (`owner/name`, n) → `(title, body)` of issues whose text is not the default
+    /// `Issue {n}` / `issue body {n}`.
+    pub issues: HashMap<(String, u64), (String, String)>,
+    /// Numbers that are PRs though not in `pulls` (an issue reference that names a PR).
+    pub other_pulls: HashSet<(String, u64)>,
+}
+
+/// A PR's reviews (each with its review comments) and conversation comments, in GraphQL's
+/// shape, and the issues it closes.
+#[derive(Clone, Debug)]
+pub struct Conversation {
+    pub closing: Vec<u64>,
+    pub comments: Vec<Value>,
+    pub reviews: Vec<Value>,
+}
+
+/// An author as GraphQL gives it.
+pub fn gql_author(login: &str, kind: &str) -> Value {
+    json!({"login": login, "__typename": kind})
+}
+
+pub fn gql_comment(login: &str, body: &str, at: &str) -> Value {
+    json!({"__typename": "IssueComment", "author": gql_author(login, "User"), "authorAssociation": "NONE",
+      "body": body, "createdAt": at})
+}
+
+pub fn gql_review(login: &str, state: &str, body: &str, comments: Vec<Value>) -> Value {
+    json!({"__typename": "PullRequestReview", "author": gql_author(login, "User"), "authorAssociation": "MEMBER",
+      "state": state, "body": body, "comments": comments})
+}
+
+pub fn gql_review_comment(path: &str, line: Option<u64>, body: &str) -> Value {
+    json!({"__typename": "PullRequestReviewComment", "path": path, "line": line, "originalLine": 3,
+      "diffHunk": "@@ -1 +1 @@", "body": body})
+}
+
+impl Conversation {
+    /// What every PR has unless a test says otherwise: one review with one comment, one
+    /// conversation comment, and (PR 1 only) a closing reference to issue 12.
+    pub fn standard(n: u64) -> Self {
+        Self {
+            closing: if n == 1 { vec![12] } else { vec![] },
+            comments: vec![gql_comment("carol", "thanks", "2024-01-02T00:00:00Z")],
+            reviews: vec![gql_review(
+                "bob",
+                "CHANGES_REQUESTED",
+                "please fix",
+                vec![gql_review_comment("a.py", Some(3), "nit")],
+            )],
+        }
+    }
 }
 
 impl Data {
@@ -45,9 +103,288 @@ impl Data {
                 repo_json("acme/small", 3, false, "MIT", "Python"),
             ],
             pulls: [("acme/widgets".to_string(), widgets_pulls())].into(),
+            issues: [(
+                ("acme/widgets".to_string(), 12),
+                ("Crash".to_string(), "it crashes".to_string()),
+            )]
+            .into(),
+            other_pulls: [("acme/widgets".to_string(), 11)].into(),
             ..Default::default()
         }
     }
+
+    pub fn pull(&self, repo: &str, n: u64) -> Option<&Value> {
+        self.pulls.get(repo)?.iter().find(|p| p["number"] == n)
+    }
+
+    pub fn is_pull(&self, repo: &str, n: u64) -> bool {
+        self.pull(repo, n).is_some() || self.other_pulls.contains(&(repo.to_string(), n))
+    }
+
+    pub fn issue_text(&self, repo: &str, n: u64) -> (String, String) {
+        self.issues
+            .get(&(repo.to_string(), n))
+            .cloned()
+            .unwrap_or_else(|| (format!("Issue {n}"), format!("issue body {n}")))
+    }
+
+    pub fn conversation(&self, repo: &str, n: u64) -> Conversation {
+        self.conversations
+            .get(&(repo.to_string(), n))
+            .cloned()
+            .unwrap_or_else(|| Conversation::standard(n))
+    }
+
+    fn repo_value(&self, name: &str) -> Value {
+        self.repos
+            .iter()
+            .find(|x| x["full_name"] == name)
+            .cloned()
+            .unwrap_or_else(|| repo_json(name, 120, false, "MIT", "Python"))
+    }
+
+    fn gql_issue(&self, repo: &str, n: u64) -> Value {
+        let (title, body) = self.issue_text(repo, n);
+        json!({"__typename": "Issue", "number": n, "title": title, "body": body})
+    }
+
+    /// PR `n` of `repo` as a GraphQL `PullRequest`, from its REST answer and conversation.
+    fn gql_pull(&self, repo: &str, n: u64) -> Option<Value> {
+        let p = self.pull(repo, n)?;
+        let c = self.conversation(repo, n);
+        let reviews: Vec<Value> = c
+            .reviews
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                let mut r = r.clone();
+                r["id"] = json!(format!("PRR:{repo}:{n}:{k}"));
+                r
+            })
+            .collect();
+        Some(
+            json!({"__typename": "PullRequest", "id": format!("PR:{repo}:{n}"), "number": n,
+          "title": p["title"], "body": p["body"].as_str().unwrap_or(""), "createdAt": p["created_at"],
+          "mergedAt": p["merged_at"], "baseRefName": p["base"]["ref"], "headRefName": p["head"]["ref"],
+          "author": gql_author(p["user"]["login"].as_str().unwrap_or("ghost"), p["user"]["type"].as_str().unwrap_or("User")),
+          "authorAssociation": p["author_association"],
+          "labels": p["labels"].as_array().into_iter().flatten().map(|l| json!({"__typename": "Label", "name": l["name"]})).collect::<Vec<_>>(),
+          "closingIssuesReferences": c.closing.iter().map(|i| self.gql_issue(repo, *i)).collect::<Vec<_>>(),
+          "comments": c.comments, "reviews": reviews}),
+        )
+    }
+}
+
+fn rest_user(author: &Value) -> Value {
+    user(
+        author["login"].as_str().unwrap_or("ghost"),
+        author["__typename"].as_str().unwrap_or("User"),
+    )
+}
+
+/// A PR's reviews, review comments or conversation comments as REST lists them.
+fn rest_conversation(c: &Conversation, what: &str) -> Vec<Value> {
+    match what {
+        "reviews" => c
+            .reviews
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                json!({"id": 7 + k as u64, "user": rest_user(&r["author"]), "body": r["body"], "state": r["state"],
+                  "author_association": r["authorAssociation"], "submitted_at": "2024-01-02T00:00:00Z", "commit_id": "c"})
+            })
+            .collect(),
+        "review_comments" => c
+            .reviews
+            .iter()
+            .enumerate()
+            .flat_map(|(k, r)| {
+                let author = rest_user(&r["author"]);
+                r["comments"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(j, rc)| {
+                        json!({"id": 1000 * (k as u64 + 1) + j as u64, "pull_request_review_id": 7 + k as u64,
+                          "diff_hunk": rc["diffHunk"], "path": rc["path"], "user": author.clone(), "body": rc["body"],
+                          "line": rc["line"], "original_line": rc["originalLine"], "author_association": "MEMBER"})
+                    })
+            })
+            .collect(),
+        _ => c
+            .comments
+            .iter()
+            .enumerate()
+            .map(|(k, m)| {
+                json!({"id": 9 + k as u64, "user": rest_user(&m["author"]), "body": m["body"], "created_at": m["createdAt"],
+                  "author_association": m["authorAssociation"]})
+            })
+            .collect(),
+    }
+}
+
+async fn conversation_list(
+    s: S,
+    h: HeaderMap,
+    uri: Uri,
+    key: (String, u64),
+    q: HashMap<String, String>,
+    what: &str,
+) -> Response {
+    let items = {
+        let d = s.data.lock().unwrap();
+        if d.pull(&key.0, key.1).is_none() {
+            None
+        } else {
+            Some(rest_conversation(&d.conversation(&key.0, key.1), what))
+        }
+    };
+    let Some(items) = items else {
+        return not_found();
+    };
+    let (chunk, next) = page_of(&s, &uri, items, &q);
+    respond(&s, &h, &uri, Value::Array(chunk), next)
+}
+
+impl graphql::Lookup for Data {
+    fn lookup(
+        &self,
+        parent: &Value,
+        field: &str,
+        args: &serde_json::Map<String, Value>,
+    ) -> Option<Value> {
+        let num = || args.get("number").and_then(|n| n.as_u64());
+        let repo = parent["nameWithOwner"].as_str().unwrap_or_default();
+        match field {
+            "repository" => {
+                let name = format!(
+                    "{}/{}",
+                    args.get("owner")?.as_str()?,
+                    args.get("name")?.as_str()?
+                );
+                let r = self.repo_value(&name);
+                Some(
+                    json!({"__typename": "Repository", "nameWithOwner": name, "stargazerCount": r["stargazers_count"],
+                  "isArchived": r["archived"],
+                  "primaryLanguage": r["language"].as_str().map(|l| json!({"name": l})),
+                  "licenseInfo": r["license"].as_object().map(|l| json!({"spdxId": l["spdx_id"], "key": l["key"]}))}),
+                )
+            }
+            "pullRequest" => self.gql_pull(repo, num()?),
+            "issueOrPullRequest" => {
+                let n = num()?;
+                if let Some(p) = self.gql_pull(repo, n) {
+                    Some(p)
+                } else if self.is_pull(repo, n) {
+                    Some(json!({"__typename": "PullRequest", "number": n}))
+                } else {
+                    Some(self.gql_issue(repo, n))
+                }
+            }
+            "node" => {
+                // review ids are `PRR:{owner/name}:{n}:{k}`
+                let id = args.get("id")?.as_str()?;
+                let mut parts = id.strip_prefix("PRR:")?.rsplitn(3, ':');
+                let k: usize = parts.next()?.parse().ok()?;
+                let n: u64 = parts.next()?.parse().ok()?;
+                let repo = parts.next()?;
+                let pr = self.gql_pull(repo, n)?;
+                pr["reviews"].get(k).cloned()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `POST /graphql`: parse, charge the query's points (refusing it, as GitHub does, when the
+/// token's window has fewer left), execute.
+async fn graphql_endpoint(
+    State(s): State<S>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    *s.requests.lock().unwrap() += 1;
+    s.log.lock().unwrap().push(uri.path().to_string());
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let vars = req.get("variables").cloned().unwrap_or(Value::Null);
+    let doc = match graphql::parse(req["query"].as_str().unwrap_or("")) {
+        Ok(d) => d,
+        Err(e) => {
+            return (
+                StatusCode::OK,
+                axum::Json(json!({"errors": [{"message": format!("Parse error: {e}")}]})),
+            )
+                .into_response();
+        }
+    };
+    let cost = graphql::cost(&doc, &vars);
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("anon")
+        .to_string();
+    let w = now() / s.window;
+    let reset = (w + 1) * s.window;
+    let (used, remaining) = {
+        let mut pts = s.points_used.lock().unwrap();
+        let used = pts.entry((token, w)).or_default();
+        if *used + cost > s.graphql_limit {
+            *s.over_limit.lock().unwrap() += 1;
+            let mut r = (
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({"errors": [{"type": "RATE_LIMITED", "message": "API rate limit exceeded"}]})),
+            )
+                .into_response();
+            let h = r.headers_mut();
+            h.insert("x-ratelimit-limit", s.graphql_limit.into());
+            h.insert("x-ratelimit-remaining", (s.graphql_limit - *used).into());
+            h.insert("x-ratelimit-reset", reset.into());
+            h.insert("x-ratelimit-resource", "graphql".parse().unwrap());
+            return r;
+        }
+        *used += cost;
+        (*used, s.graphql_limit - *used)
+    };
+    if let Some(r) = fault(&s, uri.path()) {
+        return r;
+    }
+    *s.graphql_queries.lock().unwrap() += 1;
+    *s.points.lock().unwrap() += cost;
+    let root = json!({"__typename": "Query", "rateLimit": {"cost": cost, "limit": s.graphql_limit,
+        "remaining": remaining, "used": used, "resetAt": reset}});
+    let (data, errors) = {
+        let d = s.data.lock().unwrap();
+        let mut ex = graphql::Exec {
+            doc: &doc,
+            vars: &vars,
+            lookup: &*d,
+            errors: Vec::new(),
+        };
+        let data = ex.object(&root, &doc.operation, &[]);
+        (data, ex.errors)
+    };
+    let mut answer = json!({"data": data});
+    if !errors.is_empty() {
+        answer["errors"] = Value::Array(errors);
+    }
+    let mut r = (
+        StatusCode::OK,
+        [("content-type", "application/json; charset=utf-8")],
+        answer.to_string(),
+    )
+        .into_response();
+    if !s.hide_headers {
+        let h = r.headers_mut();
+        h.insert("x-ratelimit-limit", s.graphql_limit.into());
+        h.insert("x-ratelimit-remaining", remaining.into());
+        h.insert("x-ratelimit-used", used.into());
+        h.insert("x-ratelimit-reset", reset.into());
+        h.insert("x-ratelimit-resource", "graphql".parse().unwrap());
+    }
+    r
 }
 
 #[derive(Default)]
@@ -56,8 +393,17 @@ pub struct Fake {
     pub base: String,
     /// Requests allowed per token per window.
     pub limit: u64,
+    /// GraphQL points allowed per token per window.
+    pub graphql_limit: u64,
+    /// The rate-limit window in seconds.
+    pub window: u64,
     /// (token, window index) → requests counted.
     pub used: Mutex<HashMap<(String, u64), u64>>,
+    /// (token, window index) → GraphQL points counted.
+    pub points_used: Mutex<HashMap<(String, u64), u64>>,
+    /// GraphQL queries answered, and the points they cost in all.
+    pub graphql_queries: Mutex<u64>,
+    pub points: Mutex<u64>,
     /// Requests refused because the token had no budget left: avoidable by a polite client.
     pub over_limit: Mutex<u64>,
     /// Paths (with query) that fail once with the given fault.
@@ -162,8 +508,8 @@ fn meter(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("anon")
         .to_string();
-    let w = now() / WINDOW;
-    let reset = (w + 1) * WINDOW;
+    let w = now() / s.window;
+    let reset = (w + 1) * s.window;
     let mut used = s.used.lock().unwrap();
     let n = used.entry((token, w)).or_default();
     if *n >= s.limit {
@@ -390,11 +736,25 @@ async fn pull_list(
 }
 
 pub async fn serve_with(limit: u64, hide_headers: bool, data: Data) -> (String, S) {
+    serve_opts(limit, 5000, WINDOW, hide_headers, data).await
+}
+
+/// A fake allowing `limit` REST requests and `graphql_limit` GraphQL points per token per
+/// `window` seconds.
+pub async fn serve_opts(
+    limit: u64,
+    graphql_limit: u64,
+    window: u64,
+    hide_headers: bool,
+    data: Data,
+) -> (String, S) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let s: S = Arc::new(Fake {
         base: base.clone(),
         limit,
+        graphql_limit,
+        window,
         hide_headers,
         data: Mutex::new(data),
         ..Default::default()
@@ -410,39 +770,105 @@ pub async fn serve_with(limit: u64, hide_headers: bool, data: Data) -> (String, 
         .route("/repos/{o}/{r}/pulls/{n}/files", get(|State(s): State<S>, h: HeaderMap, uri: Uri, Path((o, r, n)): Path<(String, String, u64)>, Query(q): Q| async move {
             pull_list(s, h, uri, (format!("{o}/{r}"), n), q, true).await
         }))
-        .route("/repos/{o}/{r}/pulls/{n}/reviews", get(|State(s): State<S>, h: HeaderMap, uri: Uri| async move {
-            respond(&s, &h, &uri, json!([{"id": 7, "user": user("bob", "User"), "body": "LGTM", "state": "APPROVED", "author_association": "MEMBER", "submitted_at": "2024-01-02T00:00:00Z", "commit_id": "c"}]), None)
+        .route("/repos/{o}/{r}/pulls/{n}/reviews", get(|State(s): State<S>, h: HeaderMap, uri: Uri, Path((o, r, n)): Path<(String, String, u64)>, Query(q): Q| async move {
+            conversation_list(s, h, uri, (format!("{o}/{r}"), n), q, "reviews").await
         }))
-        .route("/repos/{o}/{r}/pulls/{n}/comments", get(|State(s): State<S>, h: HeaderMap, uri: Uri| async move {
-            respond(&s, &h, &uri, json!([{"id": 70, "pull_request_review_id": 7, "diff_hunk": "@@ -1 +1 @@", "path": "a.py", "user": user("bob", "User"), "body": "nit", "line": 3, "original_line": 3, "author_association": "MEMBER"}]), None)
+        .route("/repos/{o}/{r}/pulls/{n}/comments", get(|State(s): State<S>, h: HeaderMap, uri: Uri, Path((o, r, n)): Path<(String, String, u64)>, Query(q): Q| async move {
+            conversation_list(s, h, uri, (format!("{o}/{r}"), n), q, "review_comments").await
         }))
-        .route("/repos/{o}/{r}/issues/{n}/comments", get(|State(s): State<S>, h: HeaderMap, uri: Uri| async move {
-            respond(&s, &h, &uri, json!([{"id": 9, "user": user("carol", "User"), "body": "thanks", "created_at": "2024-01-02T00:00:00Z", "author_association": "NONE"}]), None)
+        .route("/repos/{o}/{r}/issues/{n}/comments", get(|State(s): State<S>, h: HeaderMap, uri: Uri, Path((o, r, n)): Path<(String, String, u64)>, Query(q): Q| async move {
+            conversation_list(s, h, uri, (format!("{o}/{r}"), n), q, "comments").await
         }))
-        .route("/repos/{o}/{r}/issues/{n}", get(|State(s): State<S>, h: HeaderMap, uri: Uri, Path((_, _, n)): Path<(String, String, u64)>| async move {
-            let mut issue = json!({"number": n, "title": format!("Issue {n}"), "body": format!("issue body {n}"), "state": "closed", "user": user("dave", "User")});
-            if n == 11 {
-                issue["pull_request"] = json!({"url": "x"});
+        .route("/repos/{o}/{r}/issues/{n}", get(|State(s): State<S>, h: HeaderMap, uri: Uri, Path((o, r, n)): Path<(String, String, u64)>| async move {
+            let repo = format!("{o}/{r}");
+            let (title, body) = s.data.lock().unwrap().issue_text(&repo, n);
+            let mut issue = json!({"number": n, "title": title, "body": body, "state": "closed", "user": user("dave", "User")});
+            if s.data.lock().unwrap().is_pull(&repo, n) {
+                issue["pull_request"] = json!({"url": format!("https://api.github.com/repos/{repo}/pulls/{n}")});
             }
             respond(&s, &h, &uri, issue, None)
         }))
-        .route("/graphql", post(|State(s): State<S>, h: HeaderMap, uri: Uri, body: Bytes| async move {
-            let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let n = req.pointer("/variables/number").and_then(|v| v.as_u64()).unwrap_or(0);
-            if !req["query"].as_str().unwrap_or("").contains("closingIssuesReferences") {
-                return respond(&s, &h, &uri, json!({"errors": [{"message": "unknown query"}]}), None);
-            }
-            let data = json!({"data": {"repository": {"pullRequest": {
-                "closingIssuesReferences": {"nodes": if n == 1 { json!([{"number": 12, "title": "Crash", "body": "it crashes"}]) } else { json!([]) }},
-                "comments": {"nodes": [{"author": {"login": "carol", "__typename": "User"}, "authorAssociation": "NONE", "body": "thanks", "createdAt": "2024-01-02T00:00:00Z"}]},
-                "reviews": {"nodes": [{"author": {"login": "bob", "__typename": "User"}, "authorAssociation": "MEMBER", "state": "CHANGES_REQUESTED", "body": "please fix",
-                    "comments": {"nodes": [{"path": "a.py", "line": 3, "originalLine": 3, "diffHunk": "@@ -1 +1 @@", "body": "nit"}]}}]}
-            }}}});
-            respond(&s, &h, &uri, data, None)
-        }))
+        .route("/graphql", post(graphql_endpoint))
         .with_state(s.clone());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (base, s)
+}
+
+/// `n` PRs of `repo`, numbered 1..=n, all merged by alice with the standard conversation, one
+/// commit and one file each; every fourth body says `Fixes #{n + 10000}` (an issue not closed
+/// through GraphQL's closing references, so it is looked up on its own).
+pub fn corpus(repo: &str, n: u64) -> Data {
+    let mut d = Data::default();
+    let pulls = (1..=n)
+        .map(|k| {
+            let body = if k % 4 == 0 {
+                format!("Does {k}.\n\nFixes #{}", k + 10_000)
+            } else {
+                format!("Does {k}.")
+            };
+            pull_json(
+                repo,
+                k,
+                true,
+                user("alice", "User"),
+                &body,
+                &format!("{k:040}"),
+            )
+        })
+        .collect();
+    d.pulls.insert(repo.to_string(), pulls);
+    for k in 1..=n {
+        let key = (repo.to_string(), k);
+        d.commits.insert(
+            key.clone(),
+            vec![commit_json(
+                &format!("{k:040}"),
+                &format!("Do {k}"),
+                Some(("alice", "User")),
+            )],
+        );
+        d.files
+            .insert(key, vec![file_json("a.py", "modified", None)]);
+    }
+    d
+}
+
+/// A PR record as the git source leaves it, before the API fills it in.
+pub fn skeleton(repo: &str, n: u64) -> davinci_core::pr::PullRequest {
+    use davinci_core::pr::{GitRef, PR_SCHEMA, PrSource, PullRequest, RepoMeta};
+    PullRequest {
+        schema: PR_SCHEMA.into(),
+        id: PullRequest::make_id(repo, n),
+        repo: RepoMeta {
+            full_name: repo.into(),
+            ..Default::default()
+        },
+        number: n,
+        title: String::new(),
+        body: String::new(),
+        author: Default::default(),
+        created_at: None,
+        merged_at: Some("x".into()),
+        base: GitRef::default(),
+        head: GitRef::default(),
+        merge_commit_sha: "m".into(),
+        labels: vec![],
+        linked_issues: vec![],
+        commits: vec![],
+        base_files: vec![],
+        reviews: vec![],
+        comments: vec![],
+        source: PrSource::Git,
+        extra: Default::default(),
+    }
+}
+
+/// REST requests charged (304s are free) and GraphQL points charged, over every token.
+pub fn charged(f: &Fake) -> (u64, u64) {
+    (
+        f.used.lock().unwrap().values().sum(),
+        f.points_used.lock().unwrap().values().sum(),
+    )
 }
 
 /// The client settings the tests use: the fake's window, short back-offs, small pages.
