@@ -737,3 +737,68 @@ async fn trimmed_gharchive_candidates_are_settled_by_the_api() {
         "unknown PR"
     );
 }
+
+/// The batched and the one-PR-at-a-time metadata paths write the same shards, and a batched
+/// crawl stopped after any PR resumes to them.
+#[tokio::test]
+async fn batched_crawl_resumes_and_matches_the_rest_path() {
+    use davinci_crawler::batch::BatchPages;
+    use davinci_crawler::pipeline::Event;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let repo = tempfile::tempdir().unwrap();
+    let d = repo.path();
+    widgets_repo(d);
+    for n in [1u64, 2, 3, 5] {
+        std::fs::write(d.join("a.py"), format!("x = {n}\n")).unwrap();
+        git(d, &["commit", "-q", "-am", &format!("subject {n} (#{n})")]);
+    }
+    let (base, _fake) = serve_with(1000, false, Data::widgets()).await;
+    let specs = [RepoSpec::new(d.display().to_string())];
+    let run = |api_batch: Option<BatchPages>| {
+        let mut cfg = CrawlConfig::new("b");
+        cfg.shard_records = 1;
+        cfg.api_batch = api_batch;
+        cfg
+    };
+    let batched = run(Some(BatchPages {
+        prs: 2,
+        ..Default::default()
+    }));
+    let crawl = |cfg: CrawlConfig, token: &'static str, stop_after: usize| {
+        let (specs, base) = (specs.clone(), base.clone());
+        async move {
+            let dir = tempfile::tempdir().unwrap();
+            let store = file_store(dir.path()).await;
+            let mut sinks = Sinks::new(store.clone());
+            sinks.github = Some(client(&base, 1000, token));
+            if stop_after > 0 {
+                let seen = Arc::new(AtomicUsize::new(0));
+                let cancel = sinks.cancel.clone();
+                sinks.events = Some(Arc::new(move |e| {
+                    if matches!(e, Event::PrDone { .. })
+                        && seen.fetch_add(1, Ordering::SeqCst) + 1 == stop_after
+                    {
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                }));
+                let err = pipeline::crawl_git(&cfg, &specs, &sinks).await.unwrap_err();
+                assert!(err.to_string().contains("cancelled"), "{err}");
+                sinks.events = None;
+                sinks.cancel.store(false, Ordering::SeqCst);
+            }
+            let stats = pipeline::crawl_git(&cfg, &specs, &sinks).await.unwrap();
+            (stats, records(store.as_ref(), "b").await, dir)
+        }
+    };
+    let (rest_stats, by_rest, _d1) = crawl(run(None), "tok-r", 0).await;
+    let (stats, by_batch, _d2) = crawl(batched.clone(), "tok-b", 0).await;
+    assert_eq!((stats.totals.input, stats.totals.out), (4, 3), "{stats:?}");
+    assert_eq!(stats, rest_stats);
+    assert_eq!(by_batch, by_rest);
+    assert_eq!(by_batch[0].linked_issues.len(), 2);
+    for stop_after in [1usize, 2, 3] {
+        let (resumed, again, _d) = crawl(batched.clone(), "tok-s", stop_after).await;
+        assert_eq!(resumed, stats, "stop after {stop_after}");
+        assert_eq!(again, by_batch, "stop after {stop_after}");
+    }
+}
