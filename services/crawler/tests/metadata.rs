@@ -6,7 +6,7 @@ mod common;
 
 use common::{Conversation, Data, gql_comment, gql_review, gql_review_comment};
 use davinci_crawler::batch::BatchPages;
-use davinci_crawler::budget::MemoryBudget;
+use davinci_crawler::budget::{MemoryBudget, RedisBudget, TokenBudget};
 use davinci_crawler::github::GithubClient;
 use serde_json::json;
 use std::sync::Arc;
@@ -172,16 +172,20 @@ async fn a_tenth_of_a_tokens_hour_covers_a_thousand_prs() {
     assert_eq!(gh.stats.snapshot()["budget_waits"], 0);
 }
 
-#[tokio::test]
-async fn graphql_points_are_budgeted_apart_from_rest_requests() {
-    // 2 REST requests and 12 points per 2-second window: four batches of 25 PRs (6 points
-    // each) need two windows; the REST budget is never touched by them
+/// 2 REST requests and 12 points per 2-second window: four batches of 25 PRs (6 points
+/// each) and the linked issues need three windows; the REST budget is never touched by them.
+/// The first GraphQL answer is GitHub's HTML abuse page, which is waited out, not parsed.
+async fn points_budgeted_apart(budget: Arc<dyn TokenBudget>) {
     let n = 100;
     let (base, fake) =
         common::serve_opts(2, 12, common::WINDOW, false, common::corpus("acme/c", n)).await;
+    fake.faults
+        .lock()
+        .unwrap()
+        .insert("/graphql".into(), "html");
     let mut cfg = common::cfg(&base, 2);
     cfg.graphql_points_per_window = 12;
-    let gh = GithubClient::new(cfg, vec!["t".into()], Arc::new(MemoryBudget::default())).unwrap();
+    let gh = GithubClient::new(cfg, vec!["t".into()], budget).unwrap();
     let mut prs: Vec<_> = (1..=n).map(|k| common::skeleton("acme/c", k)).collect();
     let known = gh
         .enrich_batch(&mut prs, &BatchPages::default())
@@ -195,5 +199,27 @@ async fn graphql_points_are_budgeted_apart_from_rest_requests() {
     );
     let wire = gh.stats.snapshot();
     assert!(wire["budget_waits"] >= 1, "{wire:?}");
-    assert_eq!(common::charged(&fake).0, 0);
+    assert_eq!(wire["html_pages"], 1, "{wire:?}");
+    // four batches, one linked-issues query, and the batch the abuse page answered
+    assert_eq!(common::charged(&fake), (0, 4 * 6 + 1 + 6));
+}
+
+#[tokio::test]
+async fn graphql_points_are_budgeted_apart_from_rest_requests() {
+    points_budgeted_apart(Arc::new(MemoryBudget::default())).await;
+}
+
+#[tokio::test]
+async fn graphql_points_are_shared_through_redis() {
+    let redis = match davinci_testkit::RedisServer::start() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("SKIP: no redis-server ({e})");
+            return;
+        }
+    };
+    let budget = RedisBudget::connect(&redis.url(), "t:budget")
+        .await
+        .unwrap();
+    points_budgeted_apart(Arc::new(budget)).await;
 }
