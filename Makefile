@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DAVINCI_MOTO_SERVER ?= $(CURDIR)/$(VENV)/bin/moto_server
 REPO ?=
 
-.PHONY: help deps test-deps build test lint fmt bench run clean-data
+.PHONY: help deps test-deps sandbox-image build test lint fmt bench run clean-data
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,7 +31,16 @@ $(VENV)/bin/moto_server:
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q 'moto[server]>=5.2.5,<5.3'
 
-test-deps: deps $(VENV)/bin/moto_server ## install redis-server, bubblewrap and moto's S3 server
+sandbox-image: ## build the container sandbox's base image from host packages (cached by tag)
+	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then \
+	  scripts/build_sandbox_image.sh; \
+	elif [ "$$CI" = true ]; then \
+	  echo "the Docker Engine is required under CI=true (sandbox tests)" >&2; exit 1; \
+	else \
+	  echo "SKIP sandbox image: no Docker Engine reachable (the Docker sandbox tests will skip)"; \
+	fi
+
+test-deps: deps $(VENV)/bin/moto_server sandbox-image ## install redis-server, bubblewrap and moto's S3 server; build the sandbox image
 
 build: ## build the davinci binary (release)
 	$(CARGO) build --release -p davinci-cli

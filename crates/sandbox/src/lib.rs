@@ -1,22 +1,31 @@
 //! Isolated command execution for untrusted code (agent commands, test suites, model
 //! completions).
 //!
-//! One trait, [`Sandbox`], with a backend chosen by configuration ([`Backend`]):
+//! One trait, [`Sandbox`], with a backend chosen by configuration ([`Backend`], see [`open`]):
 //!
-//! * [`Backend::Local`]: bubblewrap on the local machine ([`local::BwrapSandbox`]). This is the
-//!   backend that exists in this build.
-//! * [`Backend::Docker`] and [`Backend::Kubernetes`]: designed into the API (same workspace /
-//!   run / limits contract; an image instead of a host source tree), but not implemented in this
-//!   build: [`open`] returns [`SandboxError::BackendUnavailable`] for them rather than pretending.
+//! * [`Backend::Local`]: bubblewrap on the local machine ([`local::BwrapSandbox`]); the
+//!   workspace is a copy of a host tree.
+//! * [`Backend::Docker`]: one container per workspace through the Docker Engine API
+//!   ([`docker::DockerSandbox`]); the workspace is the task image's tree (SWE-bench images keep
+//!   the repository at `/testbed`).
+//! * [`Backend::Kubernetes`]: designed (same contract, an image per pod) but not in this
+//!   build yet: [`open`] refuses it.
 //!
 //! The contract every backend keeps: the command sees a private copy of the workspace and
 //! nothing writable of the host; no network unless [`RunSpec::network`] is set; CPU time, wall
 //! time, memory, process count, file size and output size are limited ([`Limits`]); the
-//! environment is clean apart from `TZ=UTC`, a fixed `PYTHONHASHSEED` and what the caller sets;
-//! every process the command started is gone when [`Sandbox::run`] returns.
+//! environment is clean apart from `TZ=UTC`, a fixed `PYTHONHASHSEED` and what the caller sets
+//! (container backends start from the image's own environment, never the host's); every
+//! process the command started is gone when [`Sandbox::run`] returns. One conformance suite
+//! (`tests/conformance.rs`) checks this on every backend.
 
+mod container;
+pub mod docker;
+pub mod images;
+pub mod lease;
 pub mod local;
 mod output;
+pub mod testing;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +34,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use docker::{DockerConfig, DockerSandbox, DockerTls, PullPolicy};
+pub use lease::{Labels, SweepReport};
 pub use local::{BwrapSandbox, LocalConfig};
 
 /// Which backend runs sandboxes. Parsed from service configuration.
@@ -45,17 +56,6 @@ impl Default for Backend {
     }
 }
 
-/// Docker backend settings (designed, not implemented in this build).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DockerConfig {
-    /// Engine endpoint, e.g. `unix:///var/run/docker.sock`.
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    /// Image used when a workspace names none.
-    #[serde(default)]
-    pub default_image: Option<String>,
-}
-
 /// Kubernetes backend settings (designed, not implemented in this build).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct KubernetesConfig {
@@ -67,11 +67,12 @@ pub struct KubernetesConfig {
     pub runtime_class: Option<String>,
 }
 
-/// Builds the sandbox for a backend; fails clearly for backends this build lacks.
-pub fn open(backend: &Backend) -> Result<Arc<dyn Sandbox>, SandboxError> {
+/// Builds the sandbox for a backend (connecting to the engine / API server where there is
+/// one); fails clearly for a backend this build lacks or cannot reach.
+pub async fn open(backend: &Backend) -> Result<Arc<dyn Sandbox>, SandboxError> {
     match backend {
         Backend::Local(cfg) => Ok(Arc::new(BwrapSandbox::new(cfg.clone())?)),
-        Backend::Docker(_) => Err(SandboxError::BackendUnavailable("docker")),
+        Backend::Docker(cfg) => Ok(Arc::new(DockerSandbox::connect(cfg.clone()).await?)),
         Backend::Kubernetes(_) => Err(SandboxError::BackendUnavailable("kubernetes")),
     }
 }
@@ -79,29 +80,59 @@ pub fn open(backend: &Backend) -> Result<Arc<dyn Sandbox>, SandboxError> {
 /// What a workspace starts from.
 #[derive(Debug, Clone, Default)]
 pub struct WorkspaceSpec {
-    /// Host directory copied (not bound) into the workspace. Local backend only.
+    /// Host directory copied (not bound) into the workspace (into the image's tree on the
+    /// container backends).
     pub source: Option<PathBuf>,
     /// Container image holding the tree (Docker / Kubernetes backends).
     pub image: Option<String>,
     /// Extra files written into the workspace after the copy: (relative path, contents).
     pub files: Vec<(String, Vec<u8>)>,
+    /// Task id recorded on the workspace (container label) for the sweeper and for audits.
+    pub task: Option<String>,
 }
 
-/// A prepared workspace. Dropping it removes the host copy (local backend).
+/// A prepared workspace. Dropping it removes it (the host copy, the container); prefer
+/// [`Sandbox::release`], which waits for the removal and reports failures.
 #[derive(Debug)]
 pub struct Workspace {
     pub id: String,
-    /// Where the workspace lives on the host (local backend), for reading results back.
-    pub host_path: PathBuf,
     /// Where the command sees the workspace.
     pub mount_point: PathBuf,
-    pub(crate) inner: local::WorkspaceInner,
+    /// The image the workspace was made from, with the digest it resolved to (container
+    /// backends), for the run record.
+    pub image: Option<ImageRecord>,
+    pub(crate) inner: WorkspaceInner,
+}
+
+/// An image as it was used: the name given and what it resolved to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    /// `repo@sha256:…` when the image came from a registry, else the local image id
+    /// (`sha256:…`).
+    pub digest: String,
+}
+
+#[derive(Debug)]
+pub(crate) enum WorkspaceInner {
+    Local(local::WorkspaceInner),
+    Docker(docker::WorkspaceInner),
 }
 
 impl Workspace {
-    /// Host path of a file inside the workspace, refusing paths that leave it.
+    /// Where the workspace lives on the host, for backends that keep it there (local).
+    pub fn host_path(&self) -> Option<&Path> {
+        match &self.inner {
+            WorkspaceInner::Local(l) => Some(l.host_path()),
+            WorkspaceInner::Docker(_) => None,
+        }
+    }
+
+    /// Host path of a file inside the workspace, refusing paths that leave it. Only the local
+    /// backend keeps workspaces on the host; use [`Sandbox::read_file`] to work on any backend.
     pub fn host_file(&self, rel: &str) -> Result<PathBuf, SandboxError> {
-        Ok(self.host_path.join(safe_relative(rel)?))
+        let root = self.host_path().ok_or(SandboxError::NoHostPath)?;
+        Ok(root.join(safe_relative(rel)?))
     }
 }
 
@@ -268,6 +299,20 @@ pub enum SandboxError {
     Io(#[from] std::io::Error),
     #[error("no free sandbox uid slot (all {0} in use)")]
     NoSlot(usize),
+    #[error("this workspace is not on the host (container backend); use Sandbox::read_file")]
+    NoHostPath,
+    #[error("workspace `{0}` belongs to another sandbox backend")]
+    WrongBackend(String),
+    #[error("docker engine at {endpoint}: {message}")]
+    Docker { endpoint: String, message: String },
+    #[error("image `{image}`: {message}")]
+    Image { image: String, message: String },
+    #[error(
+        "workspace {0} needs an image: set WorkspaceSpec::image or the backend's default_image"
+    )]
+    NoImage(String),
+    #[error("file `{0}` in the workspace: {1}")]
+    File(String, String),
 }
 
 /// Isolated command execution. Implementations are shared across tasks (`Arc<dyn Sandbox>`).
@@ -275,6 +320,11 @@ pub enum SandboxError {
 pub trait Sandbox: Send + Sync {
     /// Backend name, for logs and reports.
     fn name(&self) -> &'static str;
+    /// Whether workspaces start from an image ([`WorkspaceSpec::image`]) rather than a host
+    /// tree.
+    fn uses_images(&self) -> bool {
+        false
+    }
     /// Creates a private workspace from a source tree / image plus extra files.
     async fn prepare(&self, spec: &WorkspaceSpec) -> Result<Workspace, SandboxError>;
     /// Runs one command in the workspace under the limits. Errors are sandbox failures
@@ -285,6 +335,11 @@ pub trait Sandbox: Send + Sync {
         spec: &RunSpec,
         limits: &Limits,
     ) -> Result<RunOutput, SandboxError>;
+    /// Writes a file into the workspace (parents created), refusing paths that leave it.
+    async fn write_file(&self, ws: &Workspace, rel: &str, data: &[u8]) -> Result<(), SandboxError>;
+    /// Reads a regular file of the workspace, refusing paths (and symbolic links) that leave
+    /// it.
+    async fn read_file(&self, ws: &Workspace, rel: &str) -> Result<Vec<u8>, SandboxError>;
     /// Removes the workspace. Dropping a [`Workspace`] does the same.
     async fn release(&self, ws: Workspace) -> Result<(), SandboxError> {
         drop(ws);
@@ -306,15 +361,32 @@ mod tests {
         assert_eq!(safe_relative("./a/b.py").unwrap(), PathBuf::from("a/b.py"));
     }
 
-    #[test]
-    fn docker_and_kubernetes_say_unavailable() {
-        let e = open(&Backend::Docker(DockerConfig::default()))
-            .err()
-            .unwrap();
-        assert!(e.to_string().contains("docker"));
+    #[tokio::test]
+    async fn unreachable_backends_say_where() {
         let e = open(&Backend::Kubernetes(KubernetesConfig::default()))
+            .await
             .err()
             .unwrap();
         assert!(matches!(e, SandboxError::BackendUnavailable("kubernetes")));
+        let e = open(&Backend::Docker(DockerConfig {
+            endpoint: Some("unix:///nonexistent/docker.sock".into()),
+            ..Default::default()
+        }))
+        .await
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("/nonexistent/docker.sock"), "{e}");
+    }
+
+    #[test]
+    fn backend_config_parses() {
+        let b: Backend = serde_json::from_str(
+            r#"{"kind":"docker","endpoint":"unix:///var/run/docker.sock","pull_policy":"never","owner":"w1"}"#,
+        )
+        .unwrap();
+        let Backend::Docker(d) = b else { panic!() };
+        assert_eq!(d.pull_policy, PullPolicy::Never);
+        assert_eq!(d.owner, "w1");
+        assert_eq!(d.mount_point, PathBuf::from("/testbed"));
     }
 }

@@ -43,6 +43,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::WorkspaceInner as Inner;
 use crate::output::Capture;
 use crate::{
     Limits, RunOutput, RunSpec, Sandbox, SandboxError, StopReason, Workspace, WorkspaceSpec,
@@ -96,8 +97,14 @@ impl Default for LocalConfig {
 /// Backend state of a local workspace.
 #[derive(Debug)]
 pub(crate) struct WorkspaceInner {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     slot: Option<SlotGuard>,
+}
+
+impl WorkspaceInner {
+    pub(crate) fn host_path(&self) -> &Path {
+        self.dir.path()
+    }
 }
 
 /// A uid from the pool, given back on drop.
@@ -174,10 +181,38 @@ impl BwrapSandbox {
         &self.cfg
     }
 
-    fn bwrap_args(&self, ws: &Workspace, spec: &RunSpec, fds: &[OwnedFd]) -> Vec<String> {
+    fn inner<'a>(&self, ws: &'a Workspace) -> Result<&'a WorkspaceInner, SandboxError> {
+        match &ws.inner {
+            Inner::Local(l) => Ok(l),
+            _ => Err(SandboxError::WrongBackend(ws.id.clone())),
+        }
+    }
+
+    /// Host path of `rel` in the workspace, refusing paths that leave it, also through
+    /// symbolic links the sandboxed command may have planted.
+    fn resolve(&self, ws: &Workspace, rel: &str) -> Result<PathBuf, SandboxError> {
+        let root = self.inner(ws)?.host_path();
+        let p = root.join(safe_relative(rel)?);
+        let real = p
+            .canonicalize()
+            .map_err(|e| SandboxError::File(rel.to_string(), e.to_string()))?;
+        let real_root = root.canonicalize()?;
+        if !real.starts_with(&real_root) {
+            return Err(SandboxError::BadPath(rel.to_string()));
+        }
+        Ok(real)
+    }
+
+    fn bwrap_args(
+        &self,
+        ws: &Workspace,
+        inner: &WorkspaceInner,
+        spec: &RunSpec,
+        fds: &[OwnedFd],
+    ) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-        let uid = ws.inner.slot.as_ref().map(|s| s.uid);
+        let uid = inner.slot.as_ref().map(|s| s.uid);
         if uid.is_some() {
             // Root mode: no user namespace (the command runs as a real pool uid, so
             // RLIMIT_NPROC counts only its own processes); every other namespace is new.
@@ -499,9 +534,9 @@ impl Sandbox for BwrapSandbox {
             .unwrap_or_default();
         Ok(Workspace {
             id,
-            host_path: host,
             mount_point: self.cfg.mount_point.clone(),
-            inner: WorkspaceInner { _dir: dir, slot },
+            image: None,
+            inner: Inner::Local(WorkspaceInner { dir, slot }),
         })
     }
 
@@ -517,12 +552,13 @@ impl Sandbox for BwrapSandbox {
         if let Some(c) = &spec.cwd {
             safe_relative(c)?;
         }
+        let inner = self.inner(ws)?;
         // fds[0] = workspace, then one per extra read-only bind.
-        let mut fds = vec![open_path(&ws.host_path)?];
+        let mut fds = vec![open_path(inner.host_path())?];
         for p in &self.cfg.ro_binds {
             fds.push(open_path(p)?);
         }
-        let args = self.bwrap_args(ws, spec, &fds);
+        let args = self.bwrap_args(ws, inner, spec, &fds);
         let raw_fds: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let mut cmd = std::process::Command::new(&self.cfg.bwrap);
         cmd.args(&args)
@@ -662,6 +698,33 @@ impl Sandbox for BwrapSandbox {
             cpu_time: None,
             max_rss_bytes: None,
         })
+    }
+
+    async fn write_file(&self, ws: &Workspace, rel: &str, data: &[u8]) -> Result<(), SandboxError> {
+        let inner = self.inner(ws)?;
+        let rel_path = safe_relative(rel)?;
+        let p = inner.host_path().join(&rel_path);
+        if let Some(parent) = rel_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(inner.host_path().join(parent))?;
+            // The parent must still be inside after following any link the command made.
+            self.resolve(ws, &parent.display().to_string())?;
+        }
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(SandboxError::File(
+                rel.to_string(),
+                "is a symbolic link (not followed)".into(),
+            ));
+        }
+        std::fs::write(&p, data).map_err(|e| SandboxError::File(rel.to_string(), e.to_string()))?;
+        if let Some(s) = &inner.slot {
+            std::os::unix::fs::lchown(&p, Some(s.uid), Some(s.uid))?;
+        }
+        Ok(())
+    }
+
+    async fn read_file(&self, ws: &Workspace, rel: &str) -> Result<Vec<u8>, SandboxError> {
+        let p = self.resolve(ws, rel)?;
+        std::fs::read(&p).map_err(|e| SandboxError::File(rel.to_string(), e.to_string()))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The SWE-bench harness end to end on a tiny repository built here: patches applied in
 //! the sandbox, tests run, logs graded, statuses (incl. infrastructure failures kept apart),
-//! resumption. Needs bwrap and git.
+//! resumption. Needs bwrap and git; the Docker case needs a Docker Engine (skipped loudly
+//! without one, required under `CI=true`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use davinci_core::task::{TaskEnv, TaskInstance};
 use davinci_evaluator::swebench::{Harness, HarnessConfig, Prediction, Status};
-use davinci_sandbox::{BwrapSandbox, LocalConfig};
+use davinci_sandbox::{BwrapSandbox, DockerConfig, LocalConfig, PullPolicy, testing};
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
@@ -216,4 +217,127 @@ async fn harness_grades_patches_and_resumes() {
         .modified()
         .unwrap();
     assert_eq!(before, after);
+}
+
+/// The same harness on the Docker backend: the instance image (the repository at /testbed at
+/// its base commit, on the base image built from host packages) is made here, since nothing
+/// can be pulled; the gold patch resolves, a wrong one does not, an empty one is a model
+/// failure, and an instance without an image gets the official SWE-bench name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_grades_on_docker_with_the_same_code() {
+    let cfg = DockerConfig {
+        pull_policy: PullPolicy::Never,
+        owner: format!("swebench-test-{}", std::process::id()),
+        lease_s: 600,
+        ..Default::default()
+    };
+    let Some(sb) = testing::docker_or_skip("swebench harness on docker", cfg).await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let repos = tmp.path().join("repos");
+    let (base, gold, test_patch) = make_repo(&repos);
+    let tree = tmp.path().join("testbed");
+    let src = repos.join("acme__calc");
+    git(
+        tmp.path(),
+        &["clone", "-q", src.to_str().unwrap(), tree.to_str().unwrap()],
+    );
+    git(&tree, &["checkout", "-q", &base]);
+    // Tagged by the tree's content, so a re-run reuses the image.
+    let mut h = fnv1a(&std::fs::read(tree.join("calc.py")).unwrap());
+    h ^= fnv1a(&std::fs::read(tree.join("tests.py")).unwrap());
+    let tag = format!("davinci-test/sweb.eval.acme_1776_calc:{h:016x}");
+    let record = sb
+        .bake_image(&testing::base_image().unwrap(), &tree, &tag)
+        .await
+        .unwrap();
+    assert!(record.digest.starts_with("sha256:"), "{record:?}");
+    let inst = |n: u32, image: Option<&str>| TaskInstance {
+        instance_id: format!("acme__calc-{n}"),
+        repo: "acme/calc".into(),
+        base_commit: base.clone(),
+        test_patch: test_patch.clone(),
+        fail_to_pass: vec!["tests.py::test_add".into()],
+        pass_to_pass: vec!["tests.py::test_mul".into()],
+        env: TaskEnv {
+            image: image.map(str::to_string),
+            test_cmd: Some("python3 run_tests.py".into()),
+            log_parser: Some("pytest".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut instances: HashMap<String, TaskInstance> = HashMap::new();
+    for i in [
+        inst(1, Some(&tag)),
+        inst(2, Some(&tag)),
+        inst(3, Some(&tag)),
+        inst(4, None),
+    ] {
+        instances.insert(i.instance_id.clone(), i);
+    }
+    let wrong = gold.replace("a + b", "a * b");
+    let pred = |n: u32, p: Option<&str>| Prediction {
+        instance_id: format!("acme__calc-{n}"),
+        model_patch: p.map(str::to_string),
+        model_name_or_path: "org/model".into(),
+    };
+    let preds = vec![
+        pred(1, Some(&gold)),
+        pred(2, Some(&wrong)),
+        pred(3, Some("")),
+        pred(4, Some(&gold)),
+    ];
+    let out = tmp.path().join("out");
+    let h = Harness::new(
+        Arc::new(sb),
+        HarnessConfig {
+            out_dir: out.clone(),
+            repos_dir: None,
+            workers: 2,
+            setup_timeout: Duration::from_secs(60),
+            test_timeout: Duration::from_secs(60),
+            ..Default::default()
+        },
+    );
+    let s = h.run(&instances, &preds, &|_| {}).await.unwrap();
+    let status = |n: u32| -> serde_json::Value {
+        let p = out.join(format!("org__model/acme__calc-{n}/status.json"));
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    };
+    let log1 =
+        std::fs::read_to_string(out.join("org__model/acme__calc-1/test_output.txt")).unwrap();
+    assert_eq!(status(1)["status"], "resolved", "{log1}");
+    assert_eq!(status(1)["image"]["name"], tag.as_str());
+    assert_eq!(status(1)["image"]["digest"], record.digest.as_str());
+    assert_eq!(status(2)["status"], "unresolved");
+    assert_eq!(status(3)["status"], "empty_patch");
+    // No image given: the official name, which this engine does not have (never pulled).
+    let s4 = status(4);
+    assert_eq!(s4["status"], "infra_sandbox_error");
+    assert_eq!(
+        s4["image"]["name"],
+        "swebench/sweb.eval.x86_64.acme_1776_calc-4:latest"
+    );
+    assert!(
+        s4["error"].as_str().unwrap().contains("pull_policy"),
+        "{s4}"
+    );
+    assert_eq!((s.resolved, s.graded), (1, 3));
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("org__model/acme__calc-2/report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        report["acme__calc-2"]["tests_status"]["FAIL_TO_PASS"]["failure"][0],
+        "tests.py::test_add"
+    );
+}
+
+/// FNV-1a, enough to tag an image by its content.
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100000001b3)
+    })
 }

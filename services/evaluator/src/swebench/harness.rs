@@ -9,11 +9,16 @@
 //! Environments: the local backend needs a prepared tree per instance, found under
 //! `repos_dir` as `{instance_id}/` (a tree at the base commit, dependencies installed or
 //! reachable through `setup_script`), else `{owner}__{name}/` (a git clone; the harness
-//! checks out `base_commit` in the sandbox copy). The instance's `env.setup_script`, when
-//! present, runs first with its own time limit.
+//! checks out `base_commit` in the sandbox copy). Container backends (Docker) start from the
+//! instance's image instead: `env.image` as the instance gives it (SWE-rebench names), else
+//! the official SWE-bench image name (`swebench/sweb.eval.x86_64.<id>`, `__` → `_1776_`);
+//! the image holds the repository at `/testbed` at its base commit, and its digest is
+//! recorded in `status.json`. The instance's `env.setup_script`, when present, runs first
+//! with its own time limit. Everything after the workspace is made is the same code for
+//! every backend.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,6 +81,9 @@ pub struct Outcome {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub seconds: f64,
+    /// The environment image and the digest it resolved to (container backends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<davinci_sandbox::ImageRecord>,
 }
 
 /// `summary.json` of a run.
@@ -155,6 +163,44 @@ pub struct Harness {
     cfg: HarnessConfig,
 }
 
+/// Where an instance's environment comes from.
+enum Env {
+    /// A host tree (local backend); `true` when it is a clone to check out at the base commit.
+    Tree(PathBuf, bool),
+    /// An image (container backends).
+    Image(String),
+}
+
+/// What running one instance gave.
+struct Ran {
+    status: Status,
+    error: Option<String>,
+    log: String,
+    report: InstanceReport,
+    image: Option<davinci_sandbox::ImageRecord>,
+}
+
+impl Ran {
+    fn new(status: Status, error: Option<String>, log: String, report: InstanceReport) -> Ran {
+        Ran {
+            status,
+            error,
+            log,
+            report,
+            image: None,
+        }
+    }
+}
+
+/// The image of an instance: `env.image` as given (SWE-rebench and other sets name theirs),
+/// else the official SWE-bench instance image.
+pub fn instance_image(inst: &TaskInstance) -> String {
+    match inst.env.image.as_deref().map(str::trim) {
+        Some(i) if !i.is_empty() => i.to_string(),
+        _ => davinci_sandbox::images::swebench_eval_image(&inst.instance_id),
+    }
+}
+
 struct Step {
     log: String,
     stop: StopReason,
@@ -218,7 +264,13 @@ impl Harness {
         let dir = self.instance_dir(&pred.model_name_or_path, &inst.instance_id)?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let t = Instant::now();
-        let (status, error, log, report) = self.run_instance(inst, pred).await;
+        let Ran {
+            status,
+            error,
+            log,
+            report,
+            image,
+        } = self.run_instance(inst, pred).await;
         std::fs::write(dir.join("test_output.txt"), &log)?;
         std::fs::write(
             dir.join("report.json"),
@@ -230,6 +282,7 @@ impl Harness {
             status,
             error,
             seconds: t.elapsed().as_secs_f64(),
+            image,
         };
         // Written last: the commit point for resumption.
         let tmp = dir.join("status.json.tmp");
@@ -238,11 +291,7 @@ impl Harness {
         Ok(outcome)
     }
 
-    async fn run_instance(
-        &self,
-        inst: &TaskInstance,
-        pred: &Prediction,
-    ) -> (Status, Option<String>, String, InstanceReport) {
+    async fn run_instance(&self, inst: &TaskInstance, pred: &Prediction) -> Ran {
         let not_applied = InstanceReport {
             patch_exists: true,
             ..Default::default()
@@ -253,14 +302,18 @@ impl Harness {
                     patch_is_none: true,
                     ..Default::default()
                 };
-                return (Status::EmptyPatch, None, String::new(), r);
+                return Ran::new(Status::EmptyPatch, None, String::new(), r);
             }
             Some(p) if p.trim().is_empty() => {
-                return (Status::EmptyPatch, None, String::new(), not_applied);
+                return Ran::new(Status::EmptyPatch, None, String::new(), not_applied);
             }
             Some(p) => p,
         };
-        let Some((source, is_clone)) = self.source_for(inst) else {
+        let env = if self.sandbox.uses_images() {
+            Env::Image(instance_image(inst))
+        } else if let Some((source, is_clone)) = self.source_for(inst) {
+            Env::Tree(source, is_clone)
+        } else {
             let msg = match &self.cfg.repos_dir {
                 None => format!(
                     "no environment for {}: no repos directory configured (--repos)",
@@ -274,21 +327,33 @@ impl Harness {
                     inst.repo.replace('/', "__")
                 ),
             };
-            return (
+            return Ran::new(
                 Status::InfraMissingEnvironment,
                 Some(msg),
                 String::new(),
                 not_applied,
             );
         };
-        match self.run_in_sandbox(inst, patch, &source, is_clone).await {
+        let image_name = match &env {
+            Env::Image(i) => Some(i.clone()),
+            Env::Tree(..) => None,
+        };
+        match self.run_in_sandbox(inst, patch, env).await {
             Ok(r) => r,
-            Err(e) => (
-                Status::InfraSandboxError,
-                Some(format!("{e:#}")),
-                String::new(),
-                not_applied,
-            ),
+            Err(e) => {
+                let mut r = Ran::new(
+                    Status::InfraSandboxError,
+                    Some(format!("{e:#}")),
+                    String::new(),
+                    not_applied,
+                );
+                // The image was named even if it could not be used.
+                r.image = image_name.map(|name| davinci_sandbox::ImageRecord {
+                    name,
+                    digest: String::new(),
+                });
+                r
+            }
         }
     }
 
@@ -296,17 +361,18 @@ impl Harness {
         &self,
         inst: &TaskInstance,
         patch: &str,
-        source: &Path,
-        is_clone: bool,
-    ) -> anyhow::Result<(Status, Option<String>, String, InstanceReport)> {
-        let not_applied = InstanceReport {
-            patch_exists: true,
-            ..Default::default()
+        env: Env,
+    ) -> anyhow::Result<Ran> {
+        let (source, image, is_clone) = match env {
+            Env::Tree(p, is_clone) => (Some(p), None, is_clone),
+            Env::Image(i) => (None, Some(i), false),
         };
         let ws = self
             .sandbox
             .prepare(&WorkspaceSpec {
-                source: Some(source.to_path_buf()),
+                source,
+                image,
+                task: Some(inst.instance_id.clone()),
                 files: vec![
                     (
                         ".davinci-eval/model.patch".into(),
@@ -317,9 +383,30 @@ impl Harness {
                         inst.test_patch.as_bytes().to_vec(),
                     ),
                 ],
-                ..Default::default()
             })
             .await?;
+        let r = self.grade_in(&ws, inst, patch, is_clone).await;
+        let image = ws.image.clone();
+        if let Err(e) = self.sandbox.release(ws).await {
+            tracing::warn!(instance = %inst.instance_id, error = %e, "releasing the workspace");
+        }
+        let mut r = r?;
+        r.image = image;
+        Ok(r)
+    }
+
+    /// Applies the patches, runs the tests and grades, in a prepared workspace.
+    async fn grade_in(
+        &self,
+        ws: &Workspace,
+        inst: &TaskInstance,
+        patch: &str,
+        is_clone: bool,
+    ) -> anyhow::Result<Ran> {
+        let not_applied = InstanceReport {
+            patch_exists: true,
+            ..Default::default()
+        };
         let mut log = String::new();
         let mut setup = String::new();
         if is_clone {
@@ -343,7 +430,7 @@ impl Harness {
                 .await?;
             log.push_str(&st.log);
             if st.stop == StopReason::WallTimeout || st.stop == StopReason::CpuTimeLimit {
-                return Ok((
+                return Ok(Ran::new(
                     Status::InfraSetupTimeout,
                     Some("setup timed out".into()),
                     log,
@@ -351,7 +438,7 @@ impl Harness {
                 ));
             }
             if st.exit != Some(0) {
-                return Ok((
+                return Ok(Ran::new(
                     Status::InfraSetupFailed,
                     Some(format!("setup exited with {:?} ({:?})", st.exit, st.stop)),
                     log,
@@ -376,7 +463,7 @@ impl Harness {
         log.push_str(&st.log);
         if st.exit != Some(0) {
             let report = grade_log(inst, Some(patch), &log)?;
-            return Ok((Status::PatchFailed, None, log, report));
+            return Ok(Ran::new(Status::PatchFailed, None, log, report));
         }
         let eval = format!(
             "cd {mp}\ngit apply -v .davinci-eval/test.patch || {{ echo 'test patch failed'; exit 97; }}\n\
@@ -389,7 +476,7 @@ impl Harness {
         let st = self.step(&ws, &eval, self.cfg.test_timeout, false).await?;
         log.push_str(&st.log);
         if st.exit == Some(97) && st.log.contains("test patch failed") {
-            return Ok((
+            return Ok(Ran::new(
                 Status::InfraTestPatchFailed,
                 Some("the instance's test patch does not apply".into()),
                 log,
@@ -405,7 +492,7 @@ impl Harness {
         } else {
             Status::Unresolved
         };
-        Ok((status, None, log, report))
+        Ok(Ran::new(status, None, log, report))
     }
 
     /// Evaluates all predictions with `workers` in parallel, skipping finished ones, and
