@@ -51,10 +51,11 @@ pub struct Args {
     /// `python`: keep PRs changing 1 to 5 Python files; `general`: no subset rule.
     #[arg(long, default_value = "general")]
     pub subset: Subset,
-    /// Complete PRs from the GitHub API (body, author, reviews, comments, linked issues) and
-    /// check each kept PR's commits and files against git (counts under "API check" in the
-    /// summary and `api_check` in stats/crawl.json). Tokens: GITHUB_TOKENS (comma-separated,
-    /// pooled) or GITHUB_TOKEN; none: unauthenticated.
+    /// Complete PRs from the GitHub API (body, author, reviews, comments, linked issues; many
+    /// PRs per GraphQL query, see --github-batch); with --api-cross-check also hold each kept
+    /// PR's commits and files against git (counts under "API check" in the summary and
+    /// `api_check` in stats/crawl.json). Tokens: GITHUB_TOKENS (comma-separated, pooled) or
+    /// GITHUB_TOKEN; none: unauthenticated.
     #[arg(long)]
     pub github: bool,
     /// Find repositories through the GitHub search API (not archived, by stars, top-N first)
