@@ -5,9 +5,11 @@ mod crawl;
 mod eval;
 mod health;
 mod pack;
+mod progress;
 mod reconstruct;
 mod run;
 mod runs;
+mod runspec;
 mod serve;
 
 /// davinci turns merged pull requests and executable repositories into agent-native training

@@ -3,17 +3,15 @@
 //! The stage services run in this process on a loopback port and the run is driven through
 //! their gRPC API by the same orchestrator the distributed conductor uses, so an embedded run
 //! and a distributed one write the same samples and shards.
-use crate::serve::absolute_root;
-use anyhow::Context;
-use davinci_conductor::orchestrate::{STAGES, StageAddrs, StageClients, execute};
-use davinci_conductor::spec::RunSpec;
-use davinci_proto::v1::{JobState, StageStatus};
-use davinci_runtime::blob::{self, BlobStore, S3Config};
+use crate::progress::StageBars;
+use crate::runspec::{self, Overrides};
+use davinci_conductor::orchestrate::{StageAddrs, StageClients, execute};
+use davinci_conductor::summary::RunSummary;
+use davinci_proto::v1::StageStatus;
+use davinci_runtime::blob::{self, S3Config};
 use davinci_runtime::grpc::{self, ServeOptions};
 use davinci_runtime::jobs::JobRegistry;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::Value;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -21,54 +19,21 @@ use std::time::Instant;
 #[command(
     after_help = "The spec format is in deploy/examples/quickstart.yaml. Outputs go to \
 {storage}/runs/{run_id}/: prs/, samples/{format}/, packed/{stage}/, stats/, packed/manifest.json. \
-Running the same spec again resumes and rewrites the same objects."
+Running the same spec again resumes and rewrites the same objects. Relative paths (in the spec \
+and the overrides) are read from the directory the command runs in."
 )]
 pub struct Args {
     /// The RunSpec (YAML).
     pub spec: PathBuf,
-    /// Repositories to crawl instead of the spec's `sources.repos` (path or clone URL; repeatable).
-    #[arg(long)]
-    pub repo: Vec<String>,
-    /// Storage root instead of the spec's `storage` (default file://./davinci-data).
-    #[arg(long)]
-    pub storage: Option<String>,
-    /// Run id instead of the spec's (default: derived from the spec's content).
-    #[arg(long)]
-    pub run_id: Option<String>,
-    /// Tokenizer instead of the spec's.
-    #[arg(long)]
-    pub tokenizer: Option<String>,
+    #[command(flatten)]
+    pub overrides: Overrides,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.spec)
-        .with_context(|| format!("reading {}", args.spec.display()))?;
-    let mut spec = RunSpec::parse(&text)
-        .with_context(|| format!("{} is not a valid run spec", args.spec.display()))?;
-    if !args.repo.is_empty() {
-        spec.sources.repos = args.repo.clone();
-    }
-    if let Some(s) = &args.storage {
-        spec.storage = Some(s.clone());
-    }
-    if let Some(id) = &args.run_id {
-        spec.run_id = Some(id.clone());
-    }
-    if let Some(t) = &args.tokenizer {
-        spec.tokenizer = t.clone();
-    }
-    // Relative tokenizer paths are relative to where the command runs (Hub model ids stay).
-    let hub_id = davinci_tokenize::hub::HubRepo::parse(&spec.tokenizer).is_some()
-        && !std::path::Path::new(&spec.tokenizer).exists();
-    if !hub_id && !spec.tokenizer.contains("://") && !spec.tokenizer.starts_with('/') {
-        spec.tokenizer = std::env::current_dir()?
-            .join(&spec.tokenizer)
-            .display()
-            .to_string();
-    }
-    spec.validate()?;
+    let runspec::Loaded { spec, warnings } = runspec::load(&args.spec, &args.overrides)?;
     let run_id = spec.resolved_run_id();
-    let root = absolute_root(spec.storage.as_deref().unwrap_or("file://./davinci-data"))?;
+    let default_root = davinci_runtime::config::StorageSettings::default().uri;
+    let root = blob::absolute_uri(spec.storage.as_deref().unwrap_or(&default_root))?;
     let _guard = davinci_runtime::telemetry::init(
         "run",
         davinci_runtime::telemetry::LogFormat::Human,
@@ -173,21 +138,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "davinci run {run_id}: {} repositories → {root}/runs/{run_id}/",
         spec.sources.repos.len()
     );
-    let multi = MultiProgress::new();
-    let style =
-        ProgressStyle::with_template("{prefix:>12} {bar:30} {pos}/{len} {elapsed:>4} {msg}")
-            .expect("static template");
-    let bars: HashMap<&str, ProgressBar> = STAGES
-        .iter()
-        .map(|s| {
-            let b = multi.add(
-                ProgressBar::new(0)
-                    .with_style(style.clone())
-                    .with_prefix(s.to_string()),
-            );
-            (*s, b)
-        })
-        .collect();
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let bars = StageBars::new();
     let cancel = tokio_util::sync::CancellationToken::new();
     let c2 = cancel.clone();
     tokio::spawn(async move {
@@ -202,28 +156,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &root,
         &spec,
         &cancel,
-        |st: &StageStatus| {
-            if let Some(b) = bars.get(st.stage.as_str()) {
-                b.set_length(st.total.max(st.done));
-                b.set_position(st.done);
-                let state = JobState::try_from(st.state).unwrap_or(JobState::Unspecified);
-                if state.is_terminal() {
-                    b.finish_with_message(format!(
-                        "{} in {:.1}s",
-                        state
-                            .as_str_name()
-                            .trim_start_matches("JOB_STATE_")
-                            .to_lowercase(),
-                        st.wall_seconds
-                    ));
-                } else {
-                    b.set_message(format!(
-                        "{} out",
-                        st.counters.get("records_out").copied().unwrap_or_default()
-                    ));
-                }
-            }
-        },
+        |st: &StageStatus| bars.update(st),
     )
     .await;
     let _ = stop_tx.send(());
@@ -236,22 +169,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let stages = result?;
     let store = blob::open(&root, &s3).await?;
+    let summary = RunSummary::read(store.as_ref(), &run_id).await?;
     print_summary(
-        store.as_ref(),
+        &summary,
         &root,
         &run_id,
         &stages,
         started.elapsed().as_secs_f64(),
-    )
-    .await
-}
-
-async fn read_json(store: &dyn BlobStore, key: &str) -> anyhow::Result<Value> {
-    let b = store
-        .get(key)
-        .await
-        .with_context(|| format!("reading {}", store.uri(key)))?;
-    Ok(serde_json::from_slice(&b)?)
+        &warnings,
+    );
+    Ok(())
 }
 
 fn drops(v: &Value) -> String {
@@ -265,16 +192,17 @@ fn drops(v: &Value) -> String {
     }
 }
 
-async fn print_summary(
-    store: &dyn BlobStore,
+/// The end of a run as `davinci run` and `davinci runs watch` print it: PRs kept and dropped
+/// by reason, samples, packed datasets, wall time per stage, where the outputs are, warnings.
+pub fn print_summary(
+    summary: &RunSummary,
     root: &str,
     run: &str,
     stages: &[StageStatus],
     wall: f64,
-) -> anyhow::Result<()> {
-    let crawl = read_json(store, &format!("runs/{run}/stats/crawl.json")).await?;
-    let recon = read_json(store, &format!("runs/{run}/stats/reconstruct.json")).await?;
-    let manifest = read_json(store, &format!("runs/{run}/packed/manifest.json")).await?;
+    warnings: &[String],
+) {
+    let (crawl, recon, manifest) = (&summary.crawl, &summary.reconstruct, &summary.manifest);
     println!("\nrun {run} finished in {wall:.1}s");
     println!(
         "PRs: {} found, {} kept; dropped: {}",
@@ -321,5 +249,7 @@ async fn print_summary(
         "outputs: {}/runs/{run}/ (prs/, samples/, packed/, stats/)",
         root.trim_end_matches('/')
     );
-    Ok(())
+    for w in warnings {
+        println!("warning: {w}");
+    }
 }

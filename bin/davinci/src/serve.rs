@@ -125,7 +125,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                             tokenizer_packer: pick(&svc.tokenizer_packer),
                         },
                         token: opts.auth_token.clone(),
-                        storage_root: absolute_root(&ctx.settings.storage.uri)?,
+                        // made absolute when the settings were loaded
+                        storage_root: ctx.settings.storage.uri.clone(),
+                        s3: ctx.settings.storage.s3.clone(),
                     };
                     routes.add_service(
                         davinci_conductor::serve::ConductorService::new(jobs, cfg).into_server(),
@@ -306,17 +308,6 @@ fn own_addr(listen: &str) -> String {
             .replace("0.0.0.0", "127.0.0.1")
             .replace("[::]", "[::1]")
     )
-}
-
-/// A `file://` root made absolute, so services in other working directories agree on it.
-pub fn absolute_root(uri: &str) -> anyhow::Result<String> {
-    match uri.strip_prefix("file://") {
-        Some(p) if !p.starts_with('/') => {
-            let abs = std::env::current_dir()?.join(p);
-            Ok(format!("file://{}", abs.display()))
-        }
-        _ => Ok(uri.to_string()),
-    }
 }
 
 fn evaluator_config(

@@ -2,8 +2,8 @@
 //! separate `davinci serve --target all` process driven by `davinci runs submit`: both write
 //! the same samples and shards.
 mod common;
-use common::http_get;
-use std::path::Path;
+use common::{davinci, http_get, listen_flags, succeeded, wait_serving};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -228,6 +228,10 @@ async fn distributed_run_on_redis_and_s3_matches_embedded_run() {
         String::from_utf8_lossy(&sub.stdout),
         String::from_utf8_lossy(&sub.stderr)
     );
+    // The watch's summary: the conductor read the run's stats back from S3.
+    let watched = String::from_utf8_lossy(&sub.stdout);
+    assert!(watched.contains("PRs: 2 found, 2 kept"), "{watched}");
+    assert!(watched.contains("packed stage2/ctx-python:"), "{watched}");
     assert!(!want.is_empty());
     // The same objects, read back from S3.
     let client = s3.client();
@@ -724,4 +728,204 @@ async fn crawler_server_discovers_with_the_settings_github_and_pools_its_budget_
         !String::from_utf8_lossy(&keys.stdout).trim().is_empty(),
         "no token budget in Redis"
     );
+}
+
+/// A directory shaped like a checkout for the README's and `make run`'s commands: the
+/// Makefile, the quickstart spec and its tokenizer at their paths in the repository. Commands
+/// run in it write their default `./davinci-data` there, not into the source tree.
+fn checkout() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for f in [
+        "Makefile",
+        "deploy/examples/quickstart.yaml",
+        "crates/tokenize/tests/fixtures/tiny-qwen-shape.json",
+    ] {
+        let to = d.path().join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(ws.join(f), to).unwrap();
+    }
+    d
+}
+
+/// A bare mirror of the fixture repository under `dir`, with no remote at all.
+fn bare_mirror(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    fixture_repo(&src);
+    let mirror = dir.join("widgets.git");
+    git(
+        dir,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            src.to_str().unwrap(),
+            "widgets.git",
+        ],
+    );
+    git(&mirror, &["remote", "remove", "origin"]);
+    mirror
+}
+
+/// The davinci arguments `make run REPO={repo}` runs, read from the Makefile's recipe.
+fn make_run_args(checkout: &Path, repo: &str) -> Vec<String> {
+    let mk = std::fs::read_to_string(checkout.join("Makefile")).unwrap();
+    let recipe = mk
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("$(CARGO) run -p davinci-cli -- "))
+        .expect("the Makefile's run recipe");
+    recipe
+        .replace("$(if $(REPO),--repo $(REPO))", &format!("--repo {repo}"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The summary's figures: its lines after `run … finished`, less the timings and the output
+/// location, which differ between two runs of the same input.
+fn figures(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .skip_while(|l| !(l.starts_with("run ") && l.contains(" finished in ")))
+        .skip(1)
+        .filter(|l| !l.starts_with("wall time per stage:") && !l.starts_with("outputs: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The `owner/name`s a run's crawl stats count PRs under.
+fn crawled_names(storage: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for run in std::fs::read_dir(storage.join("runs")).unwrap() {
+        let stats = run.unwrap().path().join("stats/crawl.json");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(stats).unwrap()).unwrap();
+        names.extend(v["repos"].as_object().unwrap().keys().cloned());
+    }
+    names.sort();
+    names
+}
+
+/// #11: `make run REPO=<a bare mirror with no remote>` finishes and prints the summary,
+/// warning that the repository was named after its directory; `,name=` names it.
+#[test]
+fn make_run_on_a_bare_mirror_without_remote() {
+    let co = checkout();
+    let repos = tempfile::tempdir().unwrap();
+    let mirror = bare_mirror(repos.path());
+    let m = mirror.to_str().unwrap();
+    let stdout = succeeded(
+        &davinci()
+            .args(make_run_args(co.path(), m))
+            .current_dir(co.path())
+            .output()
+            .unwrap(),
+    );
+    assert!(stdout.contains("PRs: 2 found, 2 kept"), "{stdout}");
+    assert!(stdout.contains("samples ctx-python: 2"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("warning: repository {m} has no `origin` remote"))
+            && stdout.contains("named local/widgets"),
+        "{stdout}"
+    );
+    let data = co.path().join("davinci-data");
+    assert_eq!(crawled_names(&data), ["local/widgets"]);
+
+    std::fs::remove_dir_all(&data).unwrap();
+    let named = format!("{m},name=acme/widgets");
+    let stdout = succeeded(
+        &davinci()
+            .args(make_run_args(co.path(), &named))
+            .current_dir(co.path())
+            .output()
+            .unwrap(),
+    );
+    assert!(stdout.contains("PRs: 2 found, 2 kept"), "{stdout}");
+    assert!(!stdout.contains("warning:"), "{stdout}");
+    assert_eq!(crawled_names(&data), ["acme/widgets"]);
+}
+
+/// #19: the README's distributed commands as written, `davinci serve --target all` with no
+/// configuration and `davinci runs submit SPEC --repo <local repository> --watch`, from one
+/// directory: the run finishes and the watch prints the figures `davinci run` prints for the
+/// same input; `runs watch --json` gives them to scripts.
+#[test]
+fn readme_distributed_commands_print_the_summary_of_davinci_run() {
+    let co = checkout();
+    let repos = tempfile::tempdir().unwrap();
+    let mirror = bare_mirror(repos.path());
+    let m = mirror.to_str().unwrap();
+    let log = repos.path().join("serve.log");
+    let (flags, addr) = listen_flags();
+    let mut server = Proc {
+        child: davinci()
+            .args(["serve", "--target", "all"])
+            .args(&flags)
+            .current_dir(co.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    };
+    wait_serving(&mut server.child, &log, &addr, &["--all"]);
+    let mut submit = davinci();
+    submit.args([
+        "runs",
+        "submit",
+        "deploy/examples/quickstart.yaml",
+        "--repo",
+        m,
+        "--watch",
+    ]);
+    if !flags.is_empty() {
+        submit.args(["--addr", &addr]);
+    }
+    let sub = submit.current_dir(co.path()).output().unwrap();
+    let watched = String::from_utf8_lossy(&sub.stdout).to_string();
+    assert!(
+        sub.status.success(),
+        "stdout:\n{watched}\nstderr:\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&sub.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let run_id = watched.lines().next().unwrap().to_string();
+    assert!(watched.contains("wall time per stage: crawl"), "{watched}");
+    assert!(
+        watched.contains(&format!(
+            "outputs: file://{}/davinci-data/runs/{run_id}/",
+            co.path().display()
+        )),
+        "{watched}"
+    );
+
+    let ran = succeeded(
+        &davinci()
+            .args(["run", "deploy/examples/quickstart.yaml", "--repo", m])
+            .args(["--storage", "file://./embedded"])
+            .current_dir(co.path())
+            .output()
+            .unwrap(),
+    );
+    let want = figures(&ran);
+    assert!(
+        want.iter().any(|l| l.starts_with("PRs: 2 found, 2 kept")),
+        "{ran}"
+    );
+    assert!(
+        want.iter()
+            .any(|l| l.starts_with("packed stage2/ctx-python:")),
+        "{ran}"
+    );
+    assert_eq!(figures(&watched), want, "watch:\n{watched}\nrun:\n{ran}");
+
+    let mut json = davinci();
+    json.args(["runs", "watch", &run_id, "--json"]);
+    if !flags.is_empty() {
+        json.args(["--addr", &addr]);
+    }
+    let text = succeeded(&json.output().unwrap());
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["state"], "succeeded", "{text}");
+    assert_eq!(last["summary"]["crawl"]["out"], 2, "{text}");
+    assert_eq!(last["stages"].as_array().unwrap().len(), 3, "{text}");
 }

@@ -4,7 +4,7 @@ use davinci_proto::v1::rollout_client::RolloutClient;
 use davinci_proto::v1::trainer_client::TrainerClient;
 use davinci_proto::v1::{JobRef, RolloutSpec, StartRolloutRequest};
 mod common;
-use common::http_get;
+use common::{http_get, listen_flags, wait_serving};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic_health::pb::HealthCheckRequest;
@@ -212,4 +212,41 @@ fn invalid_config_is_refused_naming_the_field() {
         err.contains("server") && err.contains("concurency_limit"),
         "{err}"
     );
+}
+
+/// Every target starts on its built-in defaults alone: no config file, an empty environment,
+/// run from an empty directory (the default storage, `./davinci-data`, lands there). Only the
+/// listen addresses are given, and only when the default ports are taken on this machine.
+#[test]
+fn every_target_serves_with_no_settings_at_all() {
+    let targets = davinci_proto::SERVICE_NAMES
+        .iter()
+        .map(|(t, name)| (*t, vec!["--service", *name]))
+        .chain([("all", vec!["--all"])]);
+    for (target, health) in targets {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serve.log");
+        let (flags, addr) = listen_flags();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_davinci"))
+            .args(["serve", "--target", target])
+            .args(&flags)
+            .env_clear()
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let out = wait_serving(&mut child, &log, &addr, &health);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let want = if target == "all" { 7 } else { 1 };
+        assert_eq!(text.matches("\tSERVING").count(), want, "{target}: {text}");
+        let _ = child.kill();
+        let _ = child.wait();
+        if target == "conductor" || target == "all" {
+            assert!(
+                dir.path().join("davinci-data/jobs").is_dir(),
+                "{target}: job records belong under the default storage ./davinci-data"
+            );
+        }
+    }
 }

@@ -28,6 +28,21 @@ pub struct RepoMeta {
     pub archived: bool,
 }
 
+impl RepoMeta {
+    /// Whether `n` is an `owner/name`: two non-empty parts of `[A-Za-z0-9._-]`, neither `.`
+    /// nor `..` (so it is safe as a path and a key).
+    pub fn is_full_name(n: &str) -> bool {
+        n.split('/').count() == 2
+            && n.split('/').all(|p| {
+                !p.is_empty()
+                    && p != "."
+                    && p != ".."
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum AuthorType {
     #[default]

@@ -118,6 +118,28 @@ pub fn validate_prefix(prefix: &str) -> BlobResult<()> {
     }
 }
 
+/// `uri` with a relative `file://` path (`file://./data`, `file://../data`) made absolute
+/// against the current directory, so processes started elsewhere (services, workers) agree on
+/// it; other URIs are returned as they are (`file://data` names a host and stays refused).
+pub fn absolute_uri(uri: &str) -> BlobResult<String> {
+    let cwd = std::env::current_dir().map_err(|source| BlobError::Io {
+        key: "<current directory>".into(),
+        source,
+    })?;
+    Ok(absolute_uri_in(uri, &cwd))
+}
+
+/// [`absolute_uri`] against `dir` instead of the current directory.
+pub fn absolute_uri_in(uri: &str, dir: &std::path::Path) -> String {
+    match uri.strip_prefix("file://") {
+        Some(p) if p == "." || p == ".." || p.starts_with("./") || p.starts_with("../") => {
+            let rel = p.strip_prefix("./").unwrap_or(p);
+            format!("file://{}", dir.join(rel).display())
+        }
+        _ => uri.to_string(),
+    }
+}
+
 /// Opens the store for `uri`: `file:///abs/dir`, a bare local path, or `s3://bucket/prefix`
 /// (configured by `s3`).
 pub async fn open(uri: &str, s3: &S3Config) -> BlobResult<Arc<dyn BlobStore>> {
@@ -135,6 +157,28 @@ pub async fn open(uri: &str, s3: &S3Config) -> BlobResult<Arc<dyn BlobStore>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_file_uris_become_absolute() {
+        let cwd = std::env::current_dir().unwrap();
+        let want = format!("file://{}", cwd.join("davinci-data").display());
+        assert_eq!(absolute_uri("file://./davinci-data").unwrap(), want);
+        let up = format!("file://{}", cwd.join("../d").display());
+        assert_eq!(absolute_uri("file://../d").unwrap(), up);
+        for same in [
+            "file:///abs/dir",
+            "file://localhost/abs",
+            "file://data",
+            "s3://b/p",
+        ] {
+            assert_eq!(absolute_uri(same).unwrap(), same);
+        }
+        assert_eq!(
+            FileStore::dir_of_uri(&want).unwrap(),
+            cwd.join("davinci-data")
+        );
+        assert!(FileStore::dir_of_uri("file://./davinci-data").is_err());
+    }
 
     #[test]
     fn keys_are_validated() {

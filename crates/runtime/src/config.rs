@@ -128,6 +128,8 @@ impl Default for ServerSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
     /// Root of all run data: `file:///abs/dir`, `file://./rel/dir` or `s3://bucket/prefix`.
+    /// A relative `file://` root is made absolute against the directory the process starts in
+    /// when the settings are loaded.
     pub uri: String,
     pub s3: crate::blob::S3Config,
 }
@@ -238,8 +240,10 @@ impl Settings {
         let value: serde_json::Value = merged
             .try_deserialize()
             .map_err(|e| ConfigError::new("<merged>", e.to_string()))?;
-        let settings: Settings = serde_path_to_error::deserialize(value)
+        let mut settings: Settings = serde_path_to_error::deserialize(value)
             .map_err(|e| ConfigError::new(e.path().to_string(), e.inner().to_string()))?;
+        settings.storage.uri = crate::blob::absolute_uri(&settings.storage.uri)
+            .map_err(|e| ConfigError::new("storage.uri", e.to_string()))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -306,6 +310,13 @@ impl Settings {
                 "storage.uri",
                 format!("`{}` must start with file:// or s3://", self.storage.uri),
             ));
+        }
+        if scheme == "file" {
+            // relative roots are made absolute when the settings are loaded
+            let uri = crate::blob::absolute_uri(&self.storage.uri)
+                .map_err(|e| ConfigError::new("storage.uri", e.to_string()))?;
+            crate::blob::FileStore::dir_of_uri(&uri)
+                .map_err(|e| ConfigError::new("storage.uri", e.to_string()))?;
         }
         self.storage.s3.validate().map_err(|e| match e {
             crate::blob::BlobError::Config { field, reason } => {
@@ -416,6 +427,12 @@ mod tests {
         let s = Settings::load_from(None, env(&[])).unwrap();
         assert_eq!(s.queue.url, "memory://");
         assert_eq!(s.server.listen, "0.0.0.0:50051");
+        // The default storage is a usable local root, absolute so every process agrees on it.
+        let dir = crate::blob::FileStore::dir_of_uri(&s.storage.uri).unwrap();
+        assert_eq!(dir, std::env::current_dir().unwrap().join("davinci-data"));
+        // Loaded or not, every default passes its own validation.
+        s.validate().unwrap();
+        Settings::default().validate().unwrap();
     }
 
     #[test]
@@ -454,6 +471,11 @@ mod tests {
         let e =
             Settings::load_from(None, env(&[("DAVINCI__STORAGE__URI", "ftp://x")])).unwrap_err();
         assert_eq!(e.path, "storage.uri");
+        // Refused before anything starts, not when the storage is opened.
+        let e = Settings::load_from(None, env(&[("DAVINCI__STORAGE__URI", "file://data")]))
+            .unwrap_err();
+        assert_eq!(e.path, "storage.uri");
+        assert!(e.reason.contains("three slashes"), "{e}");
         let e = Settings::load_from(None, env(&[("DAVINCI__GITHUB__API_URL", "api.github.com")]))
             .unwrap_err();
         assert_eq!(e.path, "github.api_url");

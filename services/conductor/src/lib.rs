@@ -5,3 +5,4 @@
 pub mod orchestrate;
 pub mod serve;
 pub mod spec;
+pub mod summary;

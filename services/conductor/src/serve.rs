@@ -1,6 +1,7 @@
 //! gRPC wiring of the conductor.
 use crate::orchestrate::{STAGES, StageAddrs, StageClients, execute};
 use crate::spec::RunSpec;
+use crate::summary::RunSummary;
 use davinci_proto::v1::StageStatus;
 use davinci_proto::v1::conductor_server::{Conductor, ConductorServer};
 use davinci_proto::v1::{
@@ -21,6 +22,8 @@ pub struct ConductorConfig {
     pub token: Option<String>,
     /// Default storage root of runs whose spec names none.
     pub storage_root: String,
+    /// How `s3://` roots are reached (to read a finished run's stats for its summary).
+    pub s3: davinci_runtime::blob::S3Config,
 }
 
 /// Answers the Conductor RPCs from the run registry.
@@ -29,6 +32,8 @@ pub struct ConductorService {
     runs: JobRegistry,
     cfg: ConductorConfig,
     stages: Arc<Mutex<HashMap<String, Vec<StageStatus>>>>,
+    /// `Run.summary_json` of succeeded runs, read once.
+    summaries: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl ConductorService {
@@ -37,6 +42,7 @@ impl ConductorService {
             runs,
             cfg,
             stages: Default::default(),
+            summaries: Default::default(),
         }
     }
 
@@ -123,6 +129,44 @@ impl ConductorService {
         run
     }
 
+    /// [`Self::with_stages`], plus the summary of a run that succeeded. A summary that cannot
+    /// be read (storage gone) is logged and left empty; the run's state stands.
+    async fn with_summary(&self, run: Run) -> Run {
+        let mut run = self.with_stages(run);
+        if run.state != JobState::Succeeded as i32 {
+            return run;
+        }
+        if let Some(s) = self
+            .summaries
+            .lock()
+            .expect("summaries lock")
+            .get(&run.run_id)
+        {
+            run.summary_json = s.clone();
+            return run;
+        }
+        let suffix = format!("/runs/{}", run.run_id);
+        let root = run.root.strip_suffix(&suffix).unwrap_or(&run.root);
+        let read = async {
+            let store = davinci_runtime::blob::open(root, &self.cfg.s3).await?;
+            let summary = RunSummary::read(store.as_ref(), &run.run_id).await?;
+            anyhow::Ok(serde_json::to_string(&summary)?)
+        };
+        match read.await {
+            Ok(json) => {
+                self.summaries
+                    .lock()
+                    .expect("summaries lock")
+                    .insert(run.run_id.clone(), json.clone());
+                run.summary_json = json;
+            }
+            Err(e) => {
+                tracing::warn!(run_id = %run.run_id, error = %format!("{e:#}"), "cannot read the run's summary")
+            }
+        }
+        run
+    }
+
     pub fn into_server(self) -> ConductorServer<Self> {
         ConductorServer::new(self)
     }
@@ -139,6 +183,7 @@ fn run_of(job: Job) -> Run {
         created_at: job.created_at,
         updated_at: job.updated_at,
         root: job.outputs.first().cloned().unwrap_or_default(),
+        summary_json: String::new(),
     }
 }
 
@@ -161,7 +206,7 @@ impl Conductor for ConductorService {
 
     async fn get_run(&self, req: Request<RunRef>) -> Result<Response<Run>, Status> {
         let job = self.runs.get(&req.into_inner().run_id).await?;
-        Ok(Response::new(self.with_stages(run_of(job))))
+        Ok(Response::new(self.with_summary(run_of(job)).await))
     }
 
     type WatchRunStream = RunStream;
@@ -177,7 +222,7 @@ impl Conductor for ConductorService {
                 Ok(RunEvent {
                     run_id: ev.job_id,
                     seq: ev.seq,
-                    run: Some(me.with_stages(run_of(job))),
+                    run: Some(me.with_summary(run_of(job)).await),
                     message: ev.message,
                 })
             }

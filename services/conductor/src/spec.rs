@@ -1,5 +1,6 @@
 //! RunSpec: one pipeline run as YAML. Validated whole before any stage starts: unknown keys,
 //! wrong types and impossible values are refused with the path of the field.
+use davinci_core::pr::RepoMeta;
 use davinci_core::sample::SampleSource;
 use davinci_proto::v1::{CrawlSpec, PackSpec, ReconstructSpec};
 use serde::{Deserialize, Serialize};
@@ -60,8 +61,9 @@ pub struct Reserved {}
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sources {
-    /// Local paths or clone URLs.
-    pub repos: Vec<String>,
+    /// Local paths or clone URLs, each with the `owner/name` its PRs carry where the
+    /// repository's `origin` remote cannot tell it.
+    pub repos: Vec<RepoSource>,
     /// Enrich PRs from the GitHub API (tokens from GITHUB_TOKEN(S) on the crawler).
     #[serde(default)]
     pub github: bool,
@@ -70,6 +72,86 @@ pub struct Sources {
     /// Only the newest N PRs per repository (0: all).
     #[serde(default)]
     pub max_prs_per_repo: u32,
+}
+
+/// One entry of `sources.repos`: a string, `PATH|URL` or `PATH|URL,name=OWNER/NAME`, or a
+/// mapping `{path: PATH|URL, name: OWNER/NAME}`. Without a name, the crawler takes it from the
+/// `origin` remote URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepoSource {
+    /// Local path or clone URL.
+    pub path: String,
+    /// `owner/name` of the repository's PRs.
+    pub name: Option<String>,
+}
+
+impl RepoSource {
+    /// Reads the string form: `PATH|URL`, optionally followed by `,name=OWNER/NAME`.
+    pub fn parse(s: &str) -> Self {
+        match s.rsplit_once(",name=") {
+            Some((path, name)) => Self {
+                path: path.to_string(),
+                name: Some(name.to_string()),
+            },
+            None => Self {
+                path: s.to_string(),
+                name: None,
+            },
+        }
+    }
+}
+
+impl From<&str> for RepoSource {
+    fn from(s: &str) -> Self {
+        Self::parse(s)
+    }
+}
+
+/// The mapping form of [`RepoSource`].
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepoMapping {
+    path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+}
+
+impl Serialize for RepoSource {
+    /// A string when there is no name (so specs without names keep their content hash, and
+    /// with it their run id), else the mapping.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.name {
+            None => s.serialize_str(&self.path),
+            Some(_) => RepoMapping {
+                path: self.path.clone(),
+                name: self.name.clone(),
+            }
+            .serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RepoSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RepoSource;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a path or clone URL (optionally `,name=owner/name`), or {path, name}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RepoSource, E> {
+                Ok(RepoSource::parse(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<RepoSource, A::Error> {
+                let r = RepoMapping::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(RepoSource {
+                    path: r.path,
+                    name: r.name,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,8 +307,16 @@ impl RunSpec {
             ));
         }
         for (i, r) in self.sources.repos.iter().enumerate() {
-            if r.trim().is_empty() {
+            if r.path.trim().is_empty() {
                 return Err(err(format!("sources.repos[{i}]"), "empty"));
+            }
+            if let Some(n) = &r.name
+                && !RepoMeta::is_full_name(n)
+            {
+                return Err(err(
+                    format!("sources.repos[{i}].name"),
+                    format!("`{n}` is not owner/name"),
+                ));
             }
         }
         if !matches!(self.filters.subset.as_str(), "python" | "general") {
@@ -236,7 +326,7 @@ impl RunSpec {
             ));
         }
         for (i, r) in self.filters.exclude_repos.iter().enumerate() {
-            if r.split('/').count() != 2 || r.split('/').any(str::is_empty) {
+            if !RepoMeta::is_full_name(r) {
                 return Err(err(
                     format!("filters.exclude_repos[{i}]"),
                     format!("`{r}` is not owner/name"),
@@ -351,7 +441,13 @@ impl RunSpec {
 
     pub fn crawl_spec(&self, root: &str) -> CrawlSpec {
         CrawlSpec {
-            repos: self.sources.repos.clone(),
+            repos: self.sources.repos.iter().map(|r| r.path.clone()).collect(),
+            repo_names: self
+                .sources
+                .repos
+                .iter()
+                .filter_map(|r| Some((r.path.clone(), r.name.clone()?)))
+                .collect(),
             github: self.sources.github,
             github_api_url: self.sources.github_api_url.clone(),
             out: root.to_string(),
@@ -453,6 +549,39 @@ mod tests {
         assert_eq!(m["stages"][1]["datasets"][1]["upsample"], 3.0);
     }
 
+    #[test]
+    fn repositories_take_a_name_as_a_string_or_a_mapping() {
+        let yaml = OK.replace(
+            "repos: [/src/cachetools]",
+            "repos:\n    - /src/cachetools\n    - /m/widgets.git,name=acme/widgets\n    - {path: /m/g.git, name: acme/gadgets}",
+        );
+        let s = RunSpec::parse(&yaml).unwrap();
+        let want = [
+            RepoSource::parse("/src/cachetools"),
+            RepoSource {
+                path: "/m/widgets.git".into(),
+                name: Some("acme/widgets".into()),
+            },
+            RepoSource {
+                path: "/m/g.git".into(),
+                name: Some("acme/gadgets".into()),
+            },
+        ];
+        assert_eq!(s.sources.repos, want);
+        assert_eq!(RunSpec::parse(&s.to_yaml()).unwrap(), s, "round trip");
+        let c = s.crawl_spec("file:///d");
+        assert_eq!(c.repos, ["/src/cachetools", "/m/widgets.git", "/m/g.git"]);
+        assert_eq!(c.repo_names.len(), 2);
+        assert_eq!(c.repo_names["/m/g.git"], "acme/gadgets");
+        // A spec without names keeps its run id: unnamed repositories serialize as strings.
+        assert!(
+            RunSpec::parse(OK)
+                .unwrap()
+                .to_yaml()
+                .contains("- /src/cachetools")
+        );
+    }
+
     fn path_of(yaml: &str) -> String {
         RunSpec::parse(yaml).unwrap_err().path
     }
@@ -492,6 +621,14 @@ mod tests {
             "filters.subset"
         );
         assert_eq!(path_of(&format!("{OK}bogus: 1\n")), "bogus");
+        assert_eq!(
+            path_of(&OK.replace("[/src/cachetools]", "['/m.git,name=widgets']")),
+            "sources.repos[0].name"
+        );
+        assert_eq!(
+            path_of(&OK.replace("[/src/cachetools]", "[{path: /m.git, nam: a/b}]")),
+            "sources.repos[0].nam"
+        );
         assert_eq!(path_of(&format!("{OK}run_id: ../x\n")), "run_id");
     }
 }

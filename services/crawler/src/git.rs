@@ -229,7 +229,7 @@ impl GitSource {
             }
             None => origin.as_deref().and_then(repo_name_from_url).ok_or_else(|| {
                 anyhow!(
-                    "cannot tell the owner/name of {}: no usable `origin` remote URL; pass --repo-name owner/name",
+                    "cannot tell the owner/name of {}: no usable `origin` remote URL; name it (`davinci crawl --repo-name owner/name`, `davinci run --repo PATH,name=owner/name`)",
                     dir.display()
                 )
             })?,
@@ -983,15 +983,7 @@ fn rfc3339(secs: i64) -> Option<String> {
 /// `owner/name` made of the characters GitHub allows, nothing that could climb out of a
 /// storage prefix.
 pub fn validate_full_name(n: &str) -> Result<()> {
-    let ok = n.split('/').count() == 2
-        && n.split('/').all(|p| {
-            !p.is_empty()
-                && p != "."
-                && p != ".."
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        });
-    if !ok {
+    if !davinci_core::pr::RepoMeta::is_full_name(n) {
         bail!("`{n}` is not a repository name of the form owner/name");
     }
     Ok(())

@@ -106,11 +106,18 @@ pub fn config_from_spec(
             return Err(bad(&format!("repos[{i}]"), "empty".into()));
         }
     }
+    for (source, name) in &spec.repo_names {
+        crate::git::validate_full_name(name)
+            .map_err(|e| bad(&format!("repo_names[{source}]"), e.to_string()))?;
+    }
     let inputs = Inputs {
         repos: spec
             .repos
             .iter()
-            .map(|r| RepoSpec::new(r.clone()))
+            .map(|r| RepoSpec {
+                name: spec.repo_names.get(r).cloned(),
+                ..RepoSpec::new(r.clone())
+            })
             .collect(),
         gharchive: spec.gharchive.clone(),
         discovery,

@@ -37,6 +37,12 @@ impl FileStore {
 
     /// Parses `file:///abs/dir` (or a bare path) and opens it.
     pub fn open_uri(uri: &str) -> BlobResult<Self> {
+        Self::new(Self::dir_of_uri(uri)?)
+    }
+
+    /// The directory `file:///abs/dir` (or a bare path) names, checked without touching the
+    /// disk, so settings can be refused before anything starts.
+    pub fn dir_of_uri(uri: &str) -> BlobResult<PathBuf> {
         let invalid = |reason: &str| BlobError::InvalidUri {
             uri: uri.to_string(),
             reason: reason.to_string(),
@@ -45,7 +51,7 @@ impl FileStore {
             if uri.is_empty() {
                 return Err(invalid("empty path"));
             }
-            return Self::new(uri);
+            return Ok(PathBuf::from(uri));
         }
         let url = url::Url::parse(uri).map_err(|e| invalid(&e.to_string()))?;
         if url.scheme() != "file" {
@@ -59,10 +65,8 @@ impl FileStore {
                 "names host `{host}`; local paths need three slashes: file:///absolute/path"
             )));
         }
-        let path = url
-            .to_file_path()
-            .map_err(|()| invalid("not an absolute local path"))?;
-        Self::new(path)
+        url.to_file_path()
+            .map_err(|()| invalid("not an absolute local path"))
     }
 
     pub fn root(&self) -> &Path {
