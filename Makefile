@@ -48,6 +48,7 @@ build: ## build the davinci binary (release)
 test: test-deps ## run the whole test suite against real Redis and S3 servers
 	$(CARGO) test --workspace --no-fail-fast
 	python3 scripts/check_megatron.py   # reads our shards with Megatron's reader; skips without megatron-core
+	scripts/check_ctx_fixture.sh       # every ctx sample of a fixture crawl rebuilt from its text alone, checked against git
 
 lint: ## rustfmt + clippy, warnings are errors
 	$(CARGO) fmt --all -- --check

@@ -1,18 +1,26 @@
-//! The contextually-native sample texts of DESIGN.md §4: `davinci.ctx-general/v1` (XML-like
-//! tags, reviews kept, unified diffs per commit) and `davinci.ctx-python/v1` (Markdown,
-//! SEARCH/REPLACE per commit, round-trip checked).
+//! The contextually-native sample texts of DESIGN.md §4: `davinci.ctx-general/v2` (XML-like
+//! tags, reviews kept, unified diffs per commit) and `davinci.ctx-python/v2` (Markdown,
+//! SEARCH/REPLACE per commit).
 //!
 //! Both follow the order issue(s) → title/description → relevant files → summary → commits
 //! (→ reviews). A part with nothing in it is left out, never printed empty. Natural-language
 //! fields (titles, bodies, messages) get CRLF → LF and outer blank lines trimmed; file contents
 //! and diffs are written byte for byte.
+//!
+//! v2 makes a document determine its files alone: relevant files hold the base content of every
+//! path a change starts from (a rename's or copy's source included), a file without a final
+//! newline is marked as in diffs, and ctx-general diffs name their status and source
+//! (`<diff path="b" old_path="a" status="renamed">`, a change without hunks as `<diff …/>`).
+//! Every rendered text is read back by [`crate::ctx_text`] alone; unless that yields the
+//! record's files after every commit, byte for byte, the PR is dropped with `edit_roundtrip`.
+use crate::ctx_text::{self, TextFiles};
 use crate::diff::apply_unified;
 use crate::pr::{FileStatus, PullRequest};
 use crate::search_replace::{self, EditBlock, EditError};
 use std::collections::BTreeMap;
 
-pub const CTX_GENERAL_FORMAT: &str = "davinci.ctx-general/v1";
-pub const CTX_PYTHON_FORMAT: &str = "davinci.ctx-python/v1";
+pub const CTX_GENERAL_FORMAT: &str = "davinci.ctx-general/v2";
+pub const CTX_PYTHON_FORMAT: &str = "davinci.ctx-python/v2";
 
 /// The reasoning part of a sample: the PR summary and one refined message per commit.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -80,34 +88,110 @@ fn push_block(out: &mut String, content: &str) {
     }
 }
 
-/// Touched files that existed at base with text, in first-touch order, under their base path.
+/// Every path a change names (a rename's or copy's source first, then its target) that has
+/// text at base, in first-touch order: the files a reader needs before the first commit.
 pub fn relevant_files(pr: &PullRequest) -> Vec<(&str, &str)> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for c in &pr.commits {
         for f in &c.files {
-            let p = match (f.status, &f.old_path) {
-                (FileStatus::Renamed, Some(old)) => old.as_str(),
-                _ => f.path.as_str(),
-            };
-            if !seen.insert(p) {
-                continue;
-            }
-            if let Some(content) = pr.base_content(p)
-                && !content.is_empty()
+            for p in f
+                .old_path
+                .iter()
+                .map(String::as_str)
+                .chain([f.path.as_str()])
             {
-                out.push((p, content));
+                if !seen.insert(p) {
+                    continue;
+                }
+                if let Some(content) = pr.base_content(p) {
+                    out.push((p, content));
+                }
             }
         }
     }
     out
 }
 
+/// The text-only round trip: `read`, rebuilt from a rendered text alone, must hold the record's
+/// files after every commit, byte for byte, for every path the PR touches whose text the record
+/// knows (binary and unread files are outside the document).
+fn check_roundtrip(
+    pr: &PullRequest,
+    read: Result<TextFiles, ctx_text::ReadError>,
+) -> Result<(), RenderError> {
+    let read = read.map_err(|e| {
+        err(
+            "edit_roundtrip",
+            format!("the text does not read back: {e}"),
+        )
+    })?;
+    let want = pr.replay_each().map_err(|e| err("diff_apply", e.0))?;
+    if read.commits.len() != want.len() {
+        return Err(err(
+            "edit_roundtrip",
+            format!(
+                "the text holds {} commits, the record {}",
+                read.commits.len(),
+                want.len()
+            ),
+        ));
+    }
+    let touched: std::collections::BTreeSet<&str> = pr
+        .commits
+        .iter()
+        .flat_map(|c| &c.files)
+        .flat_map(|f| f.old_path.iter().chain([&f.path]))
+        .map(String::as_str)
+        .collect();
+    for ((got, want), c) in read.commits.iter().zip(&want).zip(&pr.commits) {
+        let differs = want
+            .files
+            .iter()
+            .filter(|(p, _)| touched.contains(p.as_str()))
+            .find(|(p, w)| got.get(*p) != w.as_ref())
+            .map(|(p, _)| p)
+            .or_else(|| {
+                got.keys()
+                    .find(|p| !want.files.contains_key(*p) && !want.unknown.contains(*p))
+            });
+        if let Some(p) = differs {
+            return Err(err(
+                "edit_roundtrip",
+                format!(
+                    "after commit {}, `{p}` read from the text is not the record's",
+                    short_sha(&c.sha)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A relevant file for ctx-general: no line may read as its closing tag, and it may not end in
+/// a line that reads as the no-newline mark.
+fn check_general_content(path: &str, content: &str) -> Result<(), RenderError> {
+    let collides = content
+        .split('\n')
+        .any(|l| l.strip_suffix('\r').unwrap_or(l) == "</file>")
+        || content
+            .strip_suffix('\n')
+            .is_some_and(|c| c.rsplit('\n').next() == Some(search_replace::NO_NEWLINE));
+    if collides {
+        Err(err(
+            "marker_collision",
+            format!("`{path}` holds a line that reads as `</file>` or the no-newline mark"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 fn short_sha(sha: &str) -> &str {
     &sha[..sha.len().min(7)]
 }
 
-/// `davinci.ctx-general/v1` text.
+/// `davinci.ctx-general/v2` text, read back from itself alone before it is returned.
 pub fn render_general(pr: &PullRequest, enh: &Enhancement) -> Result<String, RenderError> {
     let mut out = String::new();
     out.push_str(&format!(
@@ -135,8 +219,9 @@ pub fn render_general(pr: &PullRequest, enh: &Enhancement) -> Result<String, Ren
         out.push_str("<relevant_files>\n");
         for (path, content) in files {
             check_path(path)?;
+            check_general_content(path, content)?;
             out.push_str(&format!("<file path=\"{path}\">\n"));
-            push_block(&mut out, content);
+            search_replace::push_body(&mut out, content);
             out.push_str("</file>\n");
         }
         out.push_str("</relevant_files>\n");
@@ -156,13 +241,41 @@ pub fn render_general(pr: &PullRequest, enh: &Enhancement) -> Result<String, Ren
             out.push_str("</message>\n");
         }
         for f in &c.files {
-            if f.diff.is_empty() {
-                continue; // binary, skipped or a pure rename: no hunks to show
+            if f.binary || f.skipped.is_some() {
+                continue; // no text: outside the document
             }
+            let status = match f.status {
+                FileStatus::Modified if f.diff.is_empty() => continue, // mode change only
+                FileStatus::Modified => None,
+                FileStatus::Added => Some("added"),
+                FileStatus::Deleted => Some("deleted"),
+                FileStatus::Renamed => Some("renamed"),
+                FileStatus::Copied => Some("copied"),
+            };
             check_path(&f.path)?;
-            out.push_str(&format!("<diff path=\"{}\">\n", f.path));
-            push_block(&mut out, &f.diff);
-            out.push_str("</diff>\n");
+            let mut open = format!("<diff path=\"{}\"", f.path);
+            if matches!(f.status, FileStatus::Renamed | FileStatus::Copied) {
+                let Some(old) = &f.old_path else {
+                    return Err(err(
+                        "bad_record",
+                        format!("commit {}: `{}` without old_path", c.sha, f.path),
+                    ));
+                };
+                check_path(old)?;
+                open.push_str(&format!(" old_path=\"{old}\""));
+            }
+            if let Some(s) = status {
+                open.push_str(&format!(" status=\"{s}\""));
+            }
+            if f.diff.is_empty() {
+                out.push_str(&open);
+                out.push_str("/>\n");
+            } else {
+                out.push_str(&open);
+                out.push_str(">\n");
+                push_block(&mut out, &f.diff);
+                out.push_str("</diff>\n");
+            }
         }
         out.push_str("</commit>\n");
     }
@@ -198,6 +311,7 @@ pub fn render_general(pr: &PullRequest, enh: &Enhancement) -> Result<String, Ren
         out.push_str("</review>\n");
     }
     out.push_str("</pull_request>\n");
+    check_roundtrip(pr, ctx_text::read_general(&out))?;
     Ok(out)
 }
 
@@ -210,7 +324,8 @@ pub struct FileStep {
 }
 
 /// Rebuilds, commit by commit, every touched file's text before and after from the base files
-/// and the per-commit hunks. A rename becomes two steps: old path deleted, new path created.
+/// and the per-commit hunks. A rename becomes two steps: old path deleted, new path created; a
+/// copy one: new path created.
 pub fn replay_commits(pr: &PullRequest) -> Result<Vec<Vec<FileStep>>, RenderError> {
     // path → Some(text) | None (deleted / never existed). Paths not here come from base_files.
     let mut state: BTreeMap<String, Option<String>> = BTreeMap::new();
@@ -238,18 +353,19 @@ pub fn replay_commits(pr: &PullRequest) -> Result<Vec<Vec<FileStep>>, RenderErro
     for c in &pr.commits {
         let mut steps = Vec::new();
         for f in &c.files {
-            if f.binary {
+            if f.binary || f.skipped.is_some() {
+                let why = f.skipped.as_deref().unwrap_or("binary");
                 return Err(err(
                     "unreadable_file",
-                    format!("commit {} changes binary `{}`", c.sha, f.path),
+                    format!("commit {} changes `{}` ({why})", c.sha, f.path),
                 ));
             }
             let from = match (f.status, &f.old_path) {
-                (FileStatus::Renamed, Some(old)) => old.clone(),
-                (FileStatus::Renamed, None) => {
+                (FileStatus::Renamed | FileStatus::Copied, Some(old)) => old.clone(),
+                (FileStatus::Renamed | FileStatus::Copied, None) => {
                     return Err(err(
                         "bad_record",
-                        format!("commit {}: rename to `{}` without old_path", c.sha, f.path),
+                        format!("commit {}: `{}` without old_path", c.sha, f.path),
                     ));
                 }
                 _ => f.path.clone(),
@@ -265,6 +381,21 @@ pub fn replay_commits(pr: &PullRequest) -> Result<Vec<Vec<FileStep>>, RenderErro
                     steps.push(FileStep {
                         path: f.path.clone(),
                         before,
+                        after: Some(after.clone()),
+                    });
+                    state.insert(f.path.clone(), Some(after));
+                }
+                FileStatus::Copied => {
+                    let Some(old) = before else {
+                        return Err(err(
+                            "missing_base_content",
+                            format!("commit {} copies `{from}`, unknown before it", c.sha),
+                        ));
+                    };
+                    let after = apply(&old)?;
+                    steps.push(FileStep {
+                        path: f.path.clone(),
+                        before: current(&state, &f.path)?,
                         after: Some(after.clone()),
                     });
                     state.insert(f.path.clone(), Some(after));
@@ -364,12 +495,13 @@ pub fn fence_for(content: &str) -> String {
     "`".repeat((longest + 1).max(3))
 }
 
+/// `content` in a fence; without a final newline it is followed by the no-newline line.
 fn push_fenced(out: &mut String, lang: &str, content: &str) {
     let fence = fence_for(content);
     out.push_str(&fence);
     out.push_str(lang);
     out.push('\n');
-    push_block(out, content);
+    search_replace::push_body(out, content);
     out.push_str(&fence);
     out.push('\n');
 }
@@ -382,9 +514,7 @@ pub struct PythonRender {
     pub blocks: Vec<Vec<EditBlock>>,
 }
 
-/// `davinci.ctx-python/v1` text. Every commit's rendered blocks are parsed back from the text
-/// and applied to the files before the commit; anything but the files after it, byte for byte,
-/// drops the PR with `edit_roundtrip`.
+/// `davinci.ctx-python/v2` text, read back from itself alone before it is returned.
 pub fn render_python(pr: &PullRequest, enh: &Enhancement) -> Result<PythonRender, RenderError> {
     let steps = replay_commits(pr)?;
     let collide = |e: EditError| match e {
@@ -414,6 +544,14 @@ pub fn render_python(pr: &PullRequest, enh: &Enhancement) -> Result<PythonRender
         sections.push(s);
     }
     let files = relevant_files(pr);
+    for (path, content) in &files {
+        if search_replace::has_marker_line(content) {
+            return Err(err(
+                "marker_collision",
+                format!("marker line in relevant file `{path}`"),
+            ));
+        }
+    }
     if !files.is_empty() {
         let mut s = "## Relevant files\n".to_string();
         for (k, (path, content)) in files.iter().enumerate() {
@@ -433,8 +571,12 @@ pub fn render_python(pr: &PullRequest, enh: &Enhancement) -> Result<PythonRender
         sections.push(s);
     }
     // Marker lines anywhere outside the blocks would make the document's blocks ambiguous to a
-    // reader that scans the whole text.
-    if let Some(s) = sections.iter().find(|s| search_replace::has_marker_line(s)) {
+    // reader that scans the whole text (relevant files were checked before their marks).
+    if let Some(s) = sections
+        .iter()
+        .filter(|s| !s.starts_with("## Relevant files\n"))
+        .find(|s| search_replace::has_marker_line(s))
+    {
         let head = s.lines().next().unwrap_or("");
         return Err(err(
             "marker_collision",
@@ -444,16 +586,6 @@ pub fn render_python(pr: &PullRequest, enh: &Enhancement) -> Result<PythonRender
     let m = pr.commits.len();
     let mut edits = "## Edits\n".to_string();
     let mut all_blocks = Vec::with_capacity(m);
-    // Each path's text before its first step (paths created later are absent).
-    let mut files_now: BTreeMap<String, String> = BTreeMap::new();
-    let mut first_seen = std::collections::BTreeSet::new();
-    for st in steps.iter().flatten() {
-        if first_seen.insert(st.path.clone())
-            && let Some(b) = &st.before
-        {
-            files_now.insert(st.path.clone(), b.clone());
-        }
-    }
     for (i, commit_steps) in steps.iter().enumerate() {
         let msg = clean_text(enh.message(pr, i));
         let (first, rest) = match msg.split_once('\n') {
@@ -485,33 +617,6 @@ pub fn render_python(pr: &PullRequest, enh: &Enhancement) -> Result<PythonRender
                 &search_replace::render_block(b),
             );
         }
-        // Runtime round-trip: parse what was written, apply, compare byte for byte.
-        let parsed = search_replace::parse_blocks(&section).map_err(collide)?;
-        if parsed != blocks {
-            return Err(err(
-                "edit_roundtrip",
-                format!("commit {}: blocks do not parse back", pr.commits[i].sha),
-            ));
-        }
-        let mut expected = files_now.clone();
-        for st in commit_steps {
-            match &st.after {
-                Some(a) => expected.insert(st.path.clone(), a.clone()),
-                None => expected.remove(&st.path),
-            };
-        }
-        search_replace::apply_blocks(&mut files_now, &parsed).map_err(|e| {
-            err(
-                "edit_roundtrip",
-                format!("commit {}: {e}", pr.commits[i].sha),
-            )
-        })?;
-        if files_now != expected {
-            return Err(err(
-                "edit_roundtrip",
-                format!("commit {}: files differ after applying", pr.commits[i].sha),
-            ));
-        }
         if i > 0 {
             edits.push('\n');
         }
@@ -522,8 +627,10 @@ pub fn render_python(pr: &PullRequest, enh: &Enhancement) -> Result<PythonRender
         return Err(err("no_edits", "no commit changes a text file"));
     }
     sections.push(edits);
+    let text = sections.join("\n");
+    check_roundtrip(pr, ctx_text::read_python(&text))?;
     Ok(PythonRender {
-        text: sections.join("\n"),
+        text,
         blocks: all_blocks,
     })
 }

@@ -5,6 +5,7 @@
 
 pub mod benchmarks;
 pub mod ctx;
+pub mod ctx_text;
 pub mod diff;
 pub mod hash;
 pub mod megatron;

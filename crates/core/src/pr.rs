@@ -75,13 +75,15 @@ pub enum FileStatus {
     Modified,
     Deleted,
     Renamed,
+    /// A new file whose diff is relative to `old_path`, which the commit leaves in place.
+    Copied,
 }
 
 /// One file touched by one commit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileChange {
     pub path: String,
-    /// Previous path for renames.
+    /// Source path of a rename or copy.
     #[serde(default)]
     pub old_path: Option<String>,
     pub status: FileStatus,
@@ -242,6 +244,25 @@ impl PullRequest {
     /// Applies every commit's diffs, in order, to the base files. Files without text (binary,
     /// skipped) are tracked in [`Replayed::unknown`] instead of failing the replay.
     pub fn replay(&self) -> Result<Replayed, PatchError> {
+        let mut r = self.base_state();
+        for c in &self.commits {
+            apply_commit(&mut r, c)?;
+        }
+        Ok(r)
+    }
+
+    /// The files after each commit, in order (as [`Self::replay`] after 1, 2, … commits).
+    pub fn replay_each(&self) -> Result<Vec<Replayed>, PatchError> {
+        let mut r = self.base_state();
+        let mut out = Vec::with_capacity(self.commits.len());
+        for c in &self.commits {
+            apply_commit(&mut r, c)?;
+            out.push(r.clone());
+        }
+        Ok(out)
+    }
+
+    fn base_state(&self) -> Replayed {
         let mut r = Replayed::default();
         for b in &self.base_files {
             match &b.content {
@@ -253,56 +274,58 @@ impl PullRequest {
                 }
             }
         }
-        for c in &self.commits {
-            for f in &c.files {
-                let from = f.old_path.as_deref().unwrap_or(&f.path);
-                let unknown_src = r.unknown.contains(from);
-                if f.status == FileStatus::Renamed {
-                    r.unknown.remove(from);
-                }
-                let prev = match f.status {
-                    FileStatus::Added => None,
-                    FileStatus::Renamed => r.files.insert(from.to_string(), None).flatten(),
-                    _ => r.files.get(from).cloned().flatten(),
-                };
-                if f.binary || f.skipped.is_some() || unknown_src {
-                    r.files.remove(&f.path);
-                    if f.status == FileStatus::Deleted {
-                        r.unknown.remove(&f.path);
-                        r.files.insert(f.path.clone(), None);
-                    } else {
-                        r.unknown.insert(f.path.clone());
-                    }
-                    continue;
-                }
-                let old = match (f.status, prev) {
-                    (FileStatus::Added, _) => String::new(),
-                    (_, Some(p)) => p,
-                    (_, None) => {
-                        return Err(PatchError(format!(
-                            "commit {} changes `{from}`, which has no known content before it",
-                            c.sha
-                        )));
-                    }
-                };
-                let new = crate::diff::apply_unified(&old, &f.diff)
-                    .map_err(|e| PatchError(format!("commit {} file `{}`: {e}", c.sha, f.path)))?;
-                r.unknown.remove(&f.path);
-                if f.status == FileStatus::Deleted {
-                    if !new.is_empty() {
-                        return Err(PatchError(format!(
-                            "commit {} deletes `{}` but its diff leaves {} bytes",
-                            c.sha,
-                            f.path,
-                            new.len()
-                        )));
-                    }
-                    r.files.insert(f.path.clone(), None);
-                } else {
-                    r.files.insert(f.path.clone(), Some(new));
-                }
-            }
-        }
-        Ok(r)
+        r
     }
+}
+
+fn apply_commit(r: &mut Replayed, c: &Commit) -> Result<(), PatchError> {
+    for f in &c.files {
+        let from = f.old_path.as_deref().unwrap_or(&f.path);
+        let unknown_src = r.unknown.contains(from);
+        if f.status == FileStatus::Renamed {
+            r.unknown.remove(from);
+        }
+        let prev = match f.status {
+            FileStatus::Added => None,
+            FileStatus::Renamed => r.files.insert(from.to_string(), None).flatten(),
+            _ => r.files.get(from).cloned().flatten(),
+        };
+        if f.binary || f.skipped.is_some() || unknown_src {
+            r.files.remove(&f.path);
+            if f.status == FileStatus::Deleted {
+                r.unknown.remove(&f.path);
+                r.files.insert(f.path.clone(), None);
+            } else {
+                r.unknown.insert(f.path.clone());
+            }
+            continue;
+        }
+        let old = match (f.status, prev) {
+            (FileStatus::Added, _) => String::new(),
+            (_, Some(p)) => p,
+            (_, None) => {
+                return Err(PatchError(format!(
+                    "commit {} changes `{from}`, which has no known content before it",
+                    c.sha
+                )));
+            }
+        };
+        let new = crate::diff::apply_unified(&old, &f.diff)
+            .map_err(|e| PatchError(format!("commit {} file `{}`: {e}", c.sha, f.path)))?;
+        r.unknown.remove(&f.path);
+        if f.status == FileStatus::Deleted {
+            if !new.is_empty() {
+                return Err(PatchError(format!(
+                    "commit {} deletes `{}` but its diff leaves {} bytes",
+                    c.sha,
+                    f.path,
+                    new.len()
+                )));
+            }
+            r.files.insert(f.path.clone(), None);
+        } else {
+            r.files.insert(f.path.clone(), Some(new));
+        }
+    }
+    Ok(())
 }

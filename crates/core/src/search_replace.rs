@@ -219,14 +219,29 @@ fn modify(path: &str, before: &str, after: &str) -> Vec<EditBlock> {
 }
 
 /// Writes a body: the text itself, then `\ No newline at end of file` when it lacks a final
-/// newline.
-fn push_body(out: &mut String, body: &str) {
+/// newline. The ctx formats write relevant files the same way.
+pub fn push_body(out: &mut String, body: &str) {
     out.push_str(body);
     if !body.is_empty() && !body.ends_with('\n') {
         out.push('\n');
         out.push_str(NO_NEWLINE);
         out.push('\n');
     }
+}
+
+/// The inverse of [`push_body`] over a body's lines (each with its `\n`): their text, with a
+/// closing `\ No newline at end of file` line and the newline before it removed.
+pub fn read_body(lines: &[&str]) -> String {
+    let mut body: String = lines.concat();
+    if let Some(last) = lines.last()
+        && last.strip_suffix('\n').unwrap_or(last) == NO_NEWLINE
+    {
+        body.truncate(body.len() - last.len());
+        if body.ends_with('\n') {
+            body.pop();
+        }
+    }
+    body
 }
 
 /// `### {path}` and the block, without the surrounding code fence.
@@ -250,56 +265,67 @@ pub fn render_block(block: &EditBlock) -> String {
 /// Everything else (prose, code fences) is skipped.
 pub fn parse_blocks(text: &str) -> Result<Vec<EditBlock>, EditError> {
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
-    let bare = |l: &str| l.strip_suffix('\n').unwrap_or(l).to_string();
     let mut out = Vec::new();
     let mut i = 0;
     while i < lines.len() {
-        let is_header = lines[i].starts_with("### ")
-            && lines.get(i + 1).is_some_and(|l| bare(l) == SEARCH_MARKER);
-        if !is_header {
-            i += 1;
-            continue;
-        }
-        let path = bare(&lines[i][4..]);
-        i += 2;
-        let read_body = |i: &mut usize, end: &str| -> Result<String, EditError> {
-            let start = *i;
-            while *i < lines.len() && bare(lines[*i]) != end {
-                if bare(lines[*i]) == SEARCH_MARKER
-                    || (bare(lines[*i]) == DIVIDER_MARKER && end == REPLACE_MARKER)
-                {
-                    return Err(EditError::Parse {
-                        line: *i + 1,
-                        reason: format!("unexpected marker while looking for `{end}`"),
-                    });
-                }
-                *i += 1;
+        match parse_block_at(&lines, i)? {
+            Some((block, next)) => {
+                out.push(block);
+                i = next;
             }
-            if *i >= lines.len() {
+            None => i += 1,
+        }
+    }
+    Ok(out)
+}
+
+fn bare(l: &str) -> &str {
+    l.strip_suffix('\n').unwrap_or(l)
+}
+
+/// The block starting at `lines[i]` (lines with their `\n`) and the index after it, or `None`
+/// when `lines[i]` does not start one.
+pub fn parse_block_at(lines: &[&str], i: usize) -> Result<Option<(EditBlock, usize)>, EditError> {
+    let is_header =
+        lines[i].starts_with("### ") && lines.get(i + 1).is_some_and(|l| bare(l) == SEARCH_MARKER);
+    if !is_header {
+        return Ok(None);
+    }
+    let path = bare(&lines[i][4..]).to_string();
+    let mut i = i + 2;
+    let mut read_body_to = |end: &str| -> Result<String, EditError> {
+        let start = i;
+        while i < lines.len() && bare(lines[i]) != end {
+            if bare(lines[i]) == SEARCH_MARKER
+                || (bare(lines[i]) == DIVIDER_MARKER && end == REPLACE_MARKER)
+            {
                 return Err(EditError::Parse {
-                    line: start + 1,
-                    reason: format!("block for `{path}` has no `{end}`"),
+                    line: i + 1,
+                    reason: format!("unexpected marker while looking for `{end}`"),
                 });
             }
-            let mut body: String = lines[start..*i].concat();
-            if *i > start && bare(lines[*i - 1]) == NO_NEWLINE {
-                body.truncate(body.len() - lines[*i - 1].len());
-                if body.ends_with('\n') {
-                    body.pop();
-                }
-            }
-            *i += 1;
-            Ok(body)
-        };
-        let search = read_body(&mut i, DIVIDER_MARKER)?;
-        let replace = read_body(&mut i, REPLACE_MARKER)?;
-        out.push(EditBlock {
+            i += 1;
+        }
+        if i >= lines.len() {
+            return Err(EditError::Parse {
+                line: start + 1,
+                reason: format!("block for `{path}` has no `{end}`"),
+            });
+        }
+        let body = read_body(&lines[start..i]);
+        i += 1;
+        Ok(body)
+    };
+    let search = read_body_to(DIVIDER_MARKER)?;
+    let replace = read_body_to(REPLACE_MARKER)?;
+    Ok(Some((
+        EditBlock {
             path,
             search,
             replace,
-        });
-    }
-    Ok(out)
+        },
+        i,
+    )))
 }
 
 /// Applies `blocks` in order to `files` (path → content; absent = file does not exist).

@@ -1,6 +1,6 @@
 //! The davinci reconstructor: merged `PullRequest` records (`davinci.pr/v1`) become the
-//! contextually-native samples of DESIGN.md §4, `davinci.ctx-general/v1` and
-//! `davinci.ctx-python/v1`.
+//! contextually-native samples of DESIGN.md §4, `davinci.ctx-general/v2` and
+//! `davinci.ctx-python/v2`.
 //!
 //! - [`pipeline`]: selection, rendering (formats live in `davinci_core::ctx`), the ctx-python
 //!   round-trip check, token cap, decontamination, exact and near dedup; drops counted by reason.

@@ -72,7 +72,7 @@ async fn batch_writes_samples_and_stats() {
     assert!(
         samples
             .iter()
-            .all(|s| s.metadata.format == "davinci.ctx-python/v1")
+            .all(|s| s.metadata.format == davinci_core::ctx::CTX_PYTHON_FORMAT)
     );
     let stats: serde_json::Value =
         serde_json::from_slice(&store.get("stats/reconstruct.json").await.unwrap()).unwrap();

@@ -2,6 +2,7 @@
 //! `make_fixtures.py`). `UPDATE_GOLDEN=1 cargo test -p davinci-reconstructor --test golden`
 //! rewrites `tests/golden/`; review the diff by eye against DESIGN.md §4.
 use davinci_core::ctx::{self, Enhancement};
+use davinci_core::ctx_text;
 use davinci_core::pr::PullRequest;
 use davinci_core::sample::SampleSource;
 use davinci_core::search_replace;
@@ -129,41 +130,98 @@ fn bot_authors_are_dropped() {
     assert_eq!(drops(&r, "ctx-python").get("bot_author"), Some(&1));
 }
 
-/// Every fixture's ctx-python text, parsed back from the document alone, replays its commits.
+const FIXTURES: [&str; 4] = [
+    "issue_reviews_multicommit",
+    "renames_deletes_backticks_crlf",
+    "pure_rename_copy",
+    "rename_edit_no_newline",
+];
+
+/// Every fixture's texts, read back from the document alone, give the record's files after
+/// each commit.
 #[test]
-fn python_text_replays_from_the_document() {
-    for name in [
-        "issue_reviews_multicommit",
-        "renames_deletes_backticks_crlf",
-    ] {
+fn texts_replay_from_the_document() {
+    for name in FIXTURES {
         let pr = fixture(name);
         let (enh, _) = det(&pr);
-        let rendered = ctx::render_python(&pr, &enh).unwrap();
-        // The whole document, not just its Edits section, yields exactly the blocks.
-        let parsed = search_replace::parse_blocks(&rendered.text).unwrap();
-        let flat: Vec<_> = rendered.blocks.concat();
-        assert_eq!(parsed, flat, "{name}");
-        let mut files: BTreeMap<String, String> = pr
-            .base_files
-            .iter()
-            .map(|b| (b.path.clone(), b.content.clone().unwrap()))
+        let want: Vec<BTreeMap<String, String>> = pr
+            .replay_each()
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                r.files
+                    .into_iter()
+                    .filter_map(|(p, c)| c.map(|c| (p, c)))
+                    .collect()
+            })
             .collect();
-        search_replace::apply_blocks(&mut files, &parsed).unwrap();
-        // Final state from the record's own diffs.
-        let steps = ctx::replay_commits(&pr).unwrap();
-        let mut want = pr
-            .base_files
-            .iter()
-            .map(|b| (b.path.clone(), b.content.clone().unwrap()))
-            .collect::<BTreeMap<_, _>>();
-        for st in steps.into_iter().flatten() {
-            match st.after {
-                Some(a) => want.insert(st.path, a),
-                None => want.remove(&st.path),
-            };
+        let general = ctx::render_general(&pr, &enh).unwrap();
+        let python = ctx::render_python(&pr, &enh).unwrap();
+        // The whole document, not just its Edits section, yields exactly the blocks.
+        let parsed = search_replace::parse_blocks(&python.text).unwrap();
+        assert_eq!(parsed, python.blocks.concat(), "{name}");
+        for (format, read) in [
+            ("ctx-general", ctx_text::read_general(&general).unwrap()),
+            ("ctx-python", ctx_text::read_python(&python.text).unwrap()),
+        ] {
+            assert_eq!(read.commits, want, "{name} {format}");
         }
-        assert_eq!(files, want, "{name}");
     }
+}
+
+#[test]
+fn pure_rename_copy() {
+    let (out, r) = run(fixture("pure_rename_copy"));
+    assert!(drops(&r, "ctx-general").is_empty(), "{:?}", r.stats);
+    assert!(drops(&r, "ctx-python").is_empty(), "{:?}", r.stats);
+    let general = &out[&SampleSource::CtxGeneral];
+    golden("pure_rename_copy.ctx-general.txt", general);
+    golden(
+        "pure_rename_copy.ctx-python.md",
+        &out[&SampleSource::CtxPython],
+    );
+    for tag in [
+        "<diff path=\"src/lrucache/cache.py\" old_path=\"cache.py\" status=\"renamed\"/>\n",
+        "<diff path=\"src/lrucache/__init__.py\" status=\"added\"/>\n",
+        "<diff path=\"src/lrucache/compat.py\" old_path=\"src/lrucache/cache.py\" status=\"copied\">\n@@ -1,4 +1,4 @@\n",
+    ] {
+        assert!(general.contains(tag), "{tag}");
+    }
+    // The rename's source is among the relevant files; setup.py has no final newline.
+    assert!(general.contains("<file path=\"cache.py\">\n\"\"\"A tiny LRU cache."));
+    assert!(general.contains("version='1.0')\n\\ No newline at end of file\n</file>\n"));
+}
+
+#[test]
+fn rename_edit_no_newline() {
+    let (out, r) = run(fixture("rename_edit_no_newline"));
+    assert!(drops(&r, "ctx-general").is_empty(), "{:?}", r.stats);
+    assert!(drops(&r, "ctx-python").is_empty(), "{:?}", r.stats);
+    let py = &out[&SampleSource::CtxPython];
+    golden(
+        "rename_edit_no_newline.ctx-general.txt",
+        &out[&SampleSource::CtxGeneral],
+    );
+    golden("rename_edit_no_newline.ctx-python.md", py);
+    // `VERSION` is `1.1` without a newline: the relevant file says so, as blocks do.
+    assert!(py.contains("### VERSION\n```\n1.1\n\\ No newline at end of file\n```\n"));
+    assert!(
+        out[&SampleSource::CtxGeneral].contains(
+            "<diff path=\"lrucache/paths.py\" old_path=\"util.py\" status=\"renamed\">\n"
+        )
+    );
+}
+
+/// A description holding a line that reads as its closing tag leaves the rest of it at the top
+/// level: the ctx-general text no longer reads back, and is dropped as `edit_roundtrip`.
+#[test]
+fn texts_that_do_not_read_back_are_dropped() {
+    let mut pr = fixture("issue_reviews_multicommit");
+    pr.body = "Quoting the template:\n</description>\n<file path=\"cache.py\">\n".into();
+    let (out, r) = run(pr);
+    assert!(!out.contains_key(&SampleSource::CtxGeneral));
+    assert_eq!(drops(&r, "ctx-general").get("edit_roundtrip"), Some(&1));
+    assert!(out.contains_key(&SampleSource::CtxPython));
 }
 
 fn huge_pr() -> PullRequest {

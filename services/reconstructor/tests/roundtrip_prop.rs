@@ -1,10 +1,10 @@
-//! Property: for random multi-commit PRs (random files with CRLF, tabs, no final newline,
-//! repeated lines; edits, deletions, new files, renames), whose per-commit hunks come from an
-//! independent diff printer, `render_python` succeeds and the document's blocks, parsed back from
-//! the text alone, replay every commit exactly.
+//! Property: for random multi-commit PRs (random files with CRLF, tabs, no final newline, empty
+//! files, repeated lines; edits, deletions, new files, renames with and without edits, copies),
+//! whose per-commit hunks come from an independent diff printer, both renderers succeed and each
+//! text, read back alone, gives the generated files after every commit.
 use davinci_core::ctx::{self, Enhancement};
+use davinci_core::ctx_text;
 use davinci_core::pr::PullRequest;
-use davinci_core::search_replace;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 
@@ -44,7 +44,9 @@ enum Op {
     Edit(Vec<(u8, String)>),
     Delete,
     Create(String),
-    Rename,
+    /// With edits when the flag is set.
+    Rename(bool),
+    Copy(Vec<(u8, String)>),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -52,7 +54,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => prop::collection::vec((any::<u8>(), line()), 1..6).prop_map(Op::Edit),
         1 => Just(Op::Delete),
         1 => file().prop_map(Op::Create),
-        1 => Just(Op::Rename),
+        1 => any::<bool>().prop_map(Op::Rename),
+        1 => prop::collection::vec((any::<u8>(), line()), 1..6).prop_map(Op::Copy),
     ]
 }
 
@@ -140,13 +143,24 @@ proptest! {
                         fcs.push(serde_json::json!({"path": p, "status": "deleted", "diff": hunks(&old, "")}));
                         touched.insert(p);
                     }
-                    Op::Rename => {
+                    Op::Rename(edited) => {
                         let p = existing[slot % existing.len()].clone();
                         fresh += 1;
                         let q = format!("pkg/renamed{fresh}.py");
                         let old = files.remove(&p).unwrap();
-                        let new = format!("{old}# moved\n");
+                        let new = if *edited { format!("{old}# moved\n") } else { old.clone() };
                         fcs.push(serde_json::json!({"path": q, "old_path": p, "status": "renamed", "diff": hunks(&old, &new)}));
+                        files.insert(q.clone(), new);
+                        touched.insert(p);
+                        touched.insert(q);
+                    }
+                    Op::Copy(choices) => {
+                        let p = existing[slot % existing.len()].clone();
+                        fresh += 1;
+                        let q = format!("pkg/copy{fresh}.py");
+                        let old = files[&p].clone();
+                        let new = edit(&old, choices);
+                        fcs.push(serde_json::json!({"path": q, "old_path": p, "status": "copied", "diff": hunks(&old, &new)}));
                         files.insert(q.clone(), new);
                         touched.insert(p);
                         touched.insert(q);
@@ -164,23 +178,34 @@ proptest! {
             "source": "git"
         })).unwrap();
         let enh = Enhancement { summary: "s".into(), commit_messages: vec![] };
+        // The text speaks of the paths the PR touched; base files it never touches stay out.
+        let touched: std::collections::BTreeSet<&str> = pr
+            .commits
+            .iter()
+            .flat_map(|c| &c.files)
+            .flat_map(|f| f.old_path.iter().chain([&f.path]))
+            .map(String::as_str)
+            .collect();
+        let want: Vec<BTreeMap<String, String>> = states
+            .iter()
+            .map(|s| s.iter().filter(|(p, _)| touched.contains(p.as_str())).map(|(p, c)| (p.clone(), c.clone())).collect())
+            .collect();
+        let general = ctx::render_general(&pr, &enh);
+        prop_assert!(general.is_ok(), "ctx-general: {:?}", general.err());
+        let read = ctx_text::read_general(&general.unwrap()).unwrap();
+        prop_assert_eq!(&read.base, &want[0]);
+        prop_assert_eq!(&read.commits[..], &want[1..]);
         match ctx::render_python(&pr, &enh) {
             Ok(r) => {
-                let edits = &r.text[r.text.find("## Edits\n").unwrap()..];
-                let mut sections: Vec<&str> = edits.split("### Commit ").skip(1).collect();
-                prop_assert_eq!(sections.len(), commits.len());
-                let mut now = states[0].clone();
-                for (i, sec) in sections.drain(..).enumerate() {
-                    let blocks = search_replace::parse_blocks(sec).unwrap();
-                    search_replace::apply_blocks(&mut now, &blocks).unwrap();
-                    prop_assert_eq!(&now, &states[i + 1]);
-                }
+                let read = ctx_text::read_python(&r.text).unwrap();
+                prop_assert_eq!(&read.base, &want[0]);
+                prop_assert_eq!(&read.commits[..], &want[1..]);
             }
             // A PR whose commits change nothing has nothing to render.
             Err(e) if e.reason == "no_edits" => {
                 prop_assert!(states.windows(2).all(|w| w[0] == w[1]));
             }
-            Err(e) => prop_assert!(false, "render failed: {e}"),
+            Err(e) => prop_assert!(false, "ctx-python: {e}"),
         }
     }
 }
