@@ -31,6 +31,10 @@ $(VENV)/bin/moto_server:
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q 'moto[server]>=5.2.5,<5.3'
 
+# Kubernetes schema validation of the sandbox's pod manifests (crates/sandbox/tests/k8s_manifests.rs)
+$(VENV)/bin/kubernetes-validate: $(VENV)/bin/moto_server
+	$(VENV)/bin/pip install -q 'kubernetes-validate>=1.33,<1.38'
+
 sandbox-image: ## build the container sandbox's base image from host packages (cached by tag)
 	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then \
 	  scripts/build_sandbox_image.sh; \
@@ -40,7 +44,7 @@ sandbox-image: ## build the container sandbox's base image from host packages (c
 	  echo "SKIP sandbox image: no Docker Engine reachable (the Docker sandbox tests will skip)"; \
 	fi
 
-test-deps: deps $(VENV)/bin/moto_server sandbox-image ## install redis-server, bubblewrap and moto's S3 server; build the sandbox image
+test-deps: deps $(VENV)/bin/moto_server $(VENV)/bin/kubernetes-validate sandbox-image ## install redis-server, bubblewrap, moto, kubernetes-validate; build the sandbox image
 
 build: ## build the davinci binary (release)
 	$(CARGO) build --release -p davinci-cli

@@ -1,6 +1,8 @@
 //! Workspace start and per-command latency of each backend, beside the Docker CLI on the same
 //! image (`docker run --rm IMAGE true`, `docker exec C true`: the floor a backend built on the
-//! engine cannot beat). Prints a table for BENCHMARKS.md.
+//! engine cannot beat). Kubernetes runs against the local fake API server, whose node runs
+//! pods on the same engine, so its figures are the API + WebSocket path on top of Docker's.
+//! Prints a table for BENCHMARKS.md.
 //!
 //! `cargo bench -p davinci-sandbox --bench sandbox` (needs bwrap; Docker parts are skipped,
 //! saying so, without an engine). `SANDBOX_BENCH_N` sets the number of workspaces (default
@@ -9,8 +11,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use davinci_kube_fake::{FakeCluster, FakeConfig};
 use davinci_sandbox::{
-    BwrapSandbox, DockerConfig, Limits, LocalConfig, RunSpec, Sandbox, WorkspaceSpec, testing,
+    BwrapSandbox, DockerConfig, KubeSandbox, KubernetesConfig, Limits, LocalConfig, PullPolicy,
+    RunSpec, Sandbox, WorkspaceSpec, testing,
 };
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
@@ -84,6 +88,7 @@ async fn main() {
         return;
     };
     let image = docker.config().default_image.clone().expect("base image");
+    let client = docker.client().clone();
     let (mut s, mut e) = measure(Arc::new(docker), n).await;
     row("docker", "workspace start", &mut s);
     row("docker", "exec `true`", &mut e);
@@ -99,4 +104,29 @@ async fn main() {
     let mut execs: Vec<Duration> = (0..3 * n).map(|_| cli(&["exec", &id, "true"])).collect();
     row("docker CLI", "`docker exec C true`", &mut execs);
     cli(&["rm", "-f", &id]);
+    let fake = FakeCluster::start(FakeConfig::default(), client)
+        .await
+        .expect("fake API server");
+    let kube = KubeSandbox::connect(KubernetesConfig {
+        cluster_url: Some(fake.url()),
+        default_image: Some(image),
+        pull_policy: PullPolicy::Never,
+        owner: format!("bench-{}", std::process::id()),
+        lease_s: 600,
+        ..Default::default()
+    })
+    .await
+    .expect("connect");
+    let (mut s, mut e) = measure(Arc::new(kube), n).await;
+    row(
+        "kubernetes (fake API server, pods on docker)",
+        "workspace start",
+        &mut s,
+    );
+    row(
+        "kubernetes (fake API server, pods on docker)",
+        "exec `true`",
+        &mut e,
+    );
+    fake.shutdown().await;
 }

@@ -8,8 +8,8 @@
 //! * [`Backend::Docker`]: one container per workspace through the Docker Engine API
 //!   ([`docker::DockerSandbox`]); the workspace is the task image's tree (SWE-bench images keep
 //!   the repository at `/testbed`).
-//! * [`Backend::Kubernetes`]: designed (same contract, an image per pod) but not in this
-//!   build yet: [`open`] refuses it.
+//! * [`Backend::Kubernetes`]: one pod per workspace through the Kubernetes API, commands
+//!   through the pod `exec` WebSocket ([`kube::KubeSandbox`]).
 //!
 //! The contract every backend keeps: the command sees a private copy of the workspace and
 //! nothing writable of the host; no network unless [`RunSpec::network`] is set; CPU time, wall
@@ -22,6 +22,7 @@
 mod container;
 pub mod docker;
 pub mod images;
+pub mod kube;
 pub mod lease;
 pub mod local;
 mod output;
@@ -35,6 +36,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use docker::{DockerConfig, DockerSandbox, DockerTls, PullPolicy};
+pub use kube::{KubeSandbox, KubernetesConfig};
 pub use lease::{Labels, SweepReport};
 pub use local::{BwrapSandbox, LocalConfig};
 
@@ -56,24 +58,13 @@ impl Default for Backend {
     }
 }
 
-/// Kubernetes backend settings (designed, not implemented in this build).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct KubernetesConfig {
-    pub namespace: String,
-    #[serde(default)]
-    pub default_image: Option<String>,
-    /// RuntimeClass for stronger isolation (gVisor, Kata).
-    #[serde(default)]
-    pub runtime_class: Option<String>,
-}
-
 /// Builds the sandbox for a backend (connecting to the engine / API server where there is
 /// one); fails clearly for a backend this build lacks or cannot reach.
 pub async fn open(backend: &Backend) -> Result<Arc<dyn Sandbox>, SandboxError> {
     match backend {
         Backend::Local(cfg) => Ok(Arc::new(BwrapSandbox::new(cfg.clone())?)),
         Backend::Docker(cfg) => Ok(Arc::new(DockerSandbox::connect(cfg.clone()).await?)),
-        Backend::Kubernetes(_) => Err(SandboxError::BackendUnavailable("kubernetes")),
+        Backend::Kubernetes(cfg) => Ok(Arc::new(KubeSandbox::connect(cfg.clone()).await?)),
     }
 }
 
@@ -117,6 +108,7 @@ pub struct ImageRecord {
 pub(crate) enum WorkspaceInner {
     Local(local::WorkspaceInner),
     Docker(docker::WorkspaceInner),
+    Kubernetes(kube::WorkspaceInner),
 }
 
 impl Workspace {
@@ -124,7 +116,7 @@ impl Workspace {
     pub fn host_path(&self) -> Option<&Path> {
         match &self.inner {
             WorkspaceInner::Local(l) => Some(l.host_path()),
-            WorkspaceInner::Docker(_) => None,
+            WorkspaceInner::Docker(_) | WorkspaceInner::Kubernetes(_) => None,
         }
     }
 
@@ -275,8 +267,6 @@ impl RunOutput {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("sandbox backend `{0}` is not available in this build (only `local` is)")]
-    BackendUnavailable(&'static str),
     #[error("bubblewrap (`{0}`) not found or not usable: {1}")]
     BwrapUnavailable(String, String),
     #[error("path `{0}` is absolute, empty, or leaves the workspace")]
@@ -303,6 +293,8 @@ pub enum SandboxError {
     NoHostPath,
     #[error("workspace `{0}` belongs to another sandbox backend")]
     WrongBackend(String),
+    #[error("kubernetes: {0}")]
+    Kubernetes(String),
     #[error("docker engine at {endpoint}: {message}")]
     Docker { endpoint: String, message: String },
     #[error("image `{image}`: {message}")]
@@ -363,11 +355,14 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_backends_say_where() {
-        let e = open(&Backend::Kubernetes(KubernetesConfig::default()))
-            .await
-            .err()
-            .unwrap();
-        assert!(matches!(e, SandboxError::BackendUnavailable("kubernetes")));
+        let e = open(&Backend::Kubernetes(KubernetesConfig {
+            cluster_url: Some("http://127.0.0.1:9".into()),
+            ..Default::default()
+        }))
+        .await
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("not reachable"), "{e}");
         let e = open(&Backend::Docker(DockerConfig {
             endpoint: Some("unix:///nonexistent/docker.sock".into()),
             ..Default::default()

@@ -5,13 +5,18 @@
 //! * `docker::*`: the real Docker Engine, on a base image built from host packages
 //!   (`scripts/build_sandbox_image.sh`). Skipped loudly without an engine; under `CI=true` a
 //!   missing engine fails.
+//! * `kubernetes::*`: the Kubernetes backend against the local fake API server
+//!   (`davinci-kube-fake`: REST + exec WebSocket), whose node runs pods on the same Docker
+//!   Engine; skipped and required like the Docker suite.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use davinci_kube_fake::{FakeCluster, FakeConfig};
 use davinci_sandbox::{
-    BwrapSandbox, DockerConfig, DockerSandbox, Limits, LocalConfig, RunSpec, Sandbox, SandboxError,
-    StopReason, Workspace, WorkspaceSpec, lease, testing,
+    BwrapSandbox, DockerConfig, DockerSandbox, KubeSandbox, KubernetesConfig, Limits, LocalConfig,
+    PullPolicy, RunSpec, Sandbox, SandboxError, StopReason, Workspace, WorkspaceSpec, lease,
+    testing,
 };
 
 /// A backend under test and what the checks need to know about it.
@@ -26,7 +31,14 @@ struct Target {
 enum Kind {
     Local,
     Docker(DockerSandbox),
+    /// The backend, the fake API server, and the engine its node runs pods on.
+    Kube(KubeSandbox, Arc<FakeCluster>, DockerSandbox),
 }
+
+/// The fake node's `podPidsLimit`: a Kubernetes sandbox's process cap is the kubelet's, so
+/// the suite's node is configured as a sandbox node pool would be, for the suite's limit of
+/// 32 processes (+ init, sleeper, wrapper).
+const NODE_PIDS: i64 = 35;
 
 const MOUNT: &str = "/testbed";
 
@@ -52,6 +64,28 @@ impl Target {
             sb: Arc::new(sb.clone()),
             kind: Kind::Docker(sb),
             host_ip: gw,
+        })
+    }
+
+    async fn kube() -> Option<Target> {
+        let docker =
+            testing::docker_or_skip("kubernetes conformance", docker_config("kube-node")).await?;
+        let fake = FakeCluster::start(
+            FakeConfig {
+                pod_pids_limit: Some(NODE_PIDS),
+                ..Default::default()
+            },
+            docker.client().clone(),
+        )
+        .await
+        .expect("fake API server");
+        let sb = KubeSandbox::connect(kube_config(&fake, "conformance"))
+            .await
+            .expect("connect to the fake API server");
+        Some(Target {
+            sb: Arc::new(sb.clone()),
+            kind: Kind::Kube(sb, Arc::new(fake), docker),
+            host_ip: String::new(),
         })
     }
 
@@ -93,6 +127,41 @@ impl Target {
                     Err(_) => Vec::new(),
                 }
             }
+            Kind::Kube(_, fake, docker) => {
+                // The node's container of the pod, as its status names it.
+                let id = fake
+                    .pods()
+                    .into_iter()
+                    .find(|p| p["metadata"]["name"] == ws.id.as_str())
+                    .and_then(|p| {
+                        p["status"]["containerStatuses"][0]["containerID"]
+                            .as_str()
+                            .map(|s| s.trim_start_matches("docker://").to_string())
+                    });
+                let id: Option<String> = id;
+                let Some(id) = id else { return Vec::new() };
+                match docker
+                    .client()
+                    .top_processes(
+                        &id,
+                        Some(
+                            bollard::query_parameters::TopOptionsBuilder::default()
+                                .ps_args("-eo args")
+                                .build(),
+                        ),
+                    )
+                    .await
+                {
+                    Ok(t) => t
+                        .processes
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|p| p.join(" "))
+                        .filter(|c| c.contains(marker))
+                        .collect(),
+                    Err(_) => Vec::new(),
+                }
+            }
         }
     }
 
@@ -123,7 +192,23 @@ impl Target {
         match self.kind {
             Kind::Local => x,
             Kind::Docker(_) => x + 100,
+            Kind::Kube(..) => x + 200,
         }
+    }
+}
+
+fn kube_config(fake: &FakeCluster, owner: &str) -> KubernetesConfig {
+    KubernetesConfig {
+        cluster_url: Some(fake.url()),
+        namespace: "sandboxes".into(),
+        default_image: Some(testing::base_image().expect("base image")),
+        pull_policy: PullPolicy::Never,
+        owner: format!("{owner}-{}", std::process::id()),
+        run: "conformance".into(),
+        lease_s: 600,
+        cpu: Some("1".into()),
+        memory: Some("1Gi".into()),
+        ..Default::default()
     }
 }
 
@@ -256,6 +341,13 @@ async fn network_is_off_unless_allowed(t: &Target) {
     assert!(!so.contains("CONNECTED"));
     let mut allowed = spec.clone();
     allowed.network = true;
+    if let Kind::Kube(..) = t.kind {
+        // Egress is denied by NetworkPolicy for every sandbox pod; asking is an error.
+        let e = t.sb.run(&ws, &allowed, &limits()).await.unwrap_err();
+        assert!(e.to_string().contains("NetworkPolicy"), "{e}");
+        t.sb.release(ws).await.unwrap();
+        return;
+    }
     let out = t.run(&ws, &allowed, &limits()).await;
     assert!(
         out.stdout_str().contains("CONNECTED"),
@@ -558,35 +650,42 @@ async fn owner_worker_process() {
     let Ok(which) = std::env::var(WORKER_ENV) else {
         return;
     };
-    let t = match which.as_str() {
-        "local" => Target::local(),
-        _ => {
-            let owner = std::env::var("DAVINCI_SBX_TEST_OWNER").unwrap();
-            let lease: u64 = std::env::var("DAVINCI_SBX_TEST_LEASE")
-                .unwrap()
-                .parse()
-                .unwrap();
-            let mut cfg = docker_config("x");
-            cfg.owner = owner;
-            cfg.lease_s = lease;
-            let sb = testing::docker_or_skip("worker", cfg).await.unwrap();
-            Target {
-                sb: Arc::new(sb.clone()),
-                kind: Kind::Docker(sb),
-                host_ip: String::new(),
-            }
-        }
-    };
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(t.prepare(WorkspaceSpec::default()).await);
-    }
-    let sb = t.sb.clone();
-    let first = &held[0];
+    let owner = std::env::var("DAVINCI_SBX_TEST_OWNER").unwrap_or_default();
+    let lease: u64 = std::env::var("DAVINCI_SBX_TEST_LEASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
     let marker: u32 = std::env::var("DAVINCI_SBX_TEST_MARKER")
         .unwrap()
         .parse()
         .unwrap();
+    let sb: Arc<dyn Sandbox> = match which.as_str() {
+        "local" => Target::local().sb,
+        "docker" => {
+            let mut cfg = docker_config("x");
+            cfg.owner = owner;
+            cfg.lease_s = lease;
+            Arc::new(testing::docker_or_skip("worker", cfg).await.unwrap())
+        }
+        _ => {
+            let url = std::env::var("DAVINCI_SBX_TEST_KUBE_URL").unwrap();
+            let cfg = KubernetesConfig {
+                cluster_url: Some(url),
+                namespace: "sandboxes".into(),
+                default_image: Some(testing::base_image().unwrap()),
+                pull_policy: PullPolicy::Never,
+                owner,
+                lease_s: lease,
+                ..Default::default()
+            };
+            Arc::new(KubeSandbox::connect(cfg).await.unwrap())
+        }
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(sb.prepare(&WorkspaceSpec::default()).await.unwrap());
+    }
+    let first = &held[0];
     let spec = RunSpec::shell(format!("sleep {marker}"));
     let l = limits();
     let run = sb.run(first, &spec, &l);
@@ -604,7 +703,13 @@ async fn owner_worker_process() {
 }
 
 /// Starts a worker holding three workspaces and kills it with SIGKILL once it is ready.
-fn start_and_kill_worker(which: &str, owner: &str, lease_s: u64, marker: u32) -> Vec<String> {
+fn start_and_kill_worker(
+    which: &str,
+    owner: &str,
+    lease_s: u64,
+    kube_url: &str,
+    marker: u32,
+) -> Vec<String> {
     use std::io::BufRead;
     let exe = std::env::current_exe().unwrap();
     let mut child = std::process::Command::new(exe)
@@ -617,6 +722,7 @@ fn start_and_kill_worker(which: &str, owner: &str, lease_s: u64, marker: u32) ->
         .env(WORKER_ENV, which)
         .env("DAVINCI_SBX_TEST_OWNER", owner)
         .env("DAVINCI_SBX_TEST_LEASE", lease_s.to_string())
+        .env("DAVINCI_SBX_TEST_KUBE_URL", kube_url)
         .env("DAVINCI_SBX_TEST_MARKER", marker.to_string())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -644,7 +750,7 @@ async fn owner_killed_with_9_leaks_nothing(t: &Target) {
         Kind::Local => {
             // The sandbox dies with its owner (PR_SET_PDEATHSIG).
             let marker = t.n(303);
-            start_and_kill_worker("local", "", 0, marker);
+            start_and_kill_worker("local", "", 0, "", marker);
             let m = format!("sleep {marker}");
             let deadline = Instant::now() + Duration::from_secs(5);
             while !host_processes(&m).is_empty() {
@@ -674,7 +780,7 @@ async fn owner_killed_with_9_leaks_nothing(t: &Target) {
             };
             // 1. Leases: a worker whose lease ran out is swept by anyone.
             let owner = format!("dead-{}", uuid_like());
-            start_and_kill_worker("docker", &owner, 3, t.n(303));
+            start_and_kill_worker("docker", &owner, 3, "", t.n(303));
             assert_eq!(
                 of_owner(owner.clone()).await,
                 3,
@@ -686,7 +792,7 @@ async fn owner_killed_with_9_leaks_nothing(t: &Target) {
             assert_eq!(of_owner(owner).await, 0);
             // 2. A restarted worker (same owner, new process) reclaims at once, long lease.
             let owner = format!("restarted-{}", uuid_like());
-            start_and_kill_worker("docker", &owner, 3600, t.n(303));
+            start_and_kill_worker("docker", &owner, 3600, "", t.n(303));
             assert_eq!(of_owner(owner.clone()).await, 3);
             let mut cfg = docker_config("x");
             cfg.owner = owner.clone();
@@ -706,6 +812,43 @@ async fn owner_killed_with_9_leaks_nothing(t: &Target) {
             );
             assert!(d.client().inspect_container(&mine.id, None).await.is_ok());
             t.sb.release(mine).await.unwrap();
+        }
+        Kind::Kube(k, fake, _) => {
+            let of_owner = |owner: &str| {
+                fake.pods()
+                    .iter()
+                    .filter(|p| p["metadata"]["labels"][lease::OWNER] == owner)
+                    .count()
+            };
+            let url = fake.url();
+            // 1. Leases: expired pods are deleted by anyone's sweep.
+            let owner = format!("dead-{}", uuid_like());
+            let (o, u) = (owner.clone(), url.clone());
+            tokio::task::spawn_blocking(move || {
+                start_and_kill_worker("kubernetes", &o, 3, &u, 303_200)
+            })
+            .await
+            .unwrap();
+            assert_eq!(of_owner(&owner), 3, "the killed worker's pods");
+            tokio::time::sleep(Duration::from_millis(3200)).await;
+            let report = k.sweep().await.unwrap();
+            assert!(report.expired.len() >= 3, "{report:?}");
+            assert_eq!(of_owner(&owner), 0);
+            // 2. A restarted worker reclaims its predecessor's pods at once.
+            let owner = format!("restarted-{}", uuid_like());
+            let (o, u) = (owner.clone(), url.clone());
+            tokio::task::spawn_blocking(move || {
+                start_and_kill_worker("kubernetes", &o, 3600, &u, 303_201)
+            })
+            .await
+            .unwrap();
+            assert_eq!(of_owner(&owner), 3);
+            let mut cfg = kube_config(fake, "x");
+            cfg.owner = owner.clone();
+            let again = KubeSandbox::connect(cfg).await.unwrap();
+            let report = again.sweep().await.unwrap();
+            assert_eq!(report.predecessors.len(), 3, "{report:?}");
+            assert_eq!(of_owner(&owner), 0);
         }
     }
 }
@@ -741,6 +884,24 @@ macro_rules! suite {
                     }
                     if let Some(t) = super::Target::docker().await {
                         super::$check(&t).await;
+                    }
+                }
+            )*
+        }
+        mod kubernetes {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    if std::env::var(super::WORKER_ENV).is_ok() {
+                        return;
+                    }
+                    if let Some(t) = super::Target::kube().await {
+                        super::$check(&t).await;
+                        if let super::Kind::Kube(_, fake, _) = t.kind {
+                            if let Ok(f) = std::sync::Arc::try_unwrap(fake) {
+                                f.shutdown().await;
+                            }
+                        }
                     }
                 }
             )*
