@@ -48,6 +48,7 @@ pub enum Command {
     /// exist is refused naming its field: the conductor reads them as absolute paths, so they
     /// must be reachable at the same place where its services run.
     Submit {
+        /// The RunSpec (YAML), as `davinci run` takes it.
         spec: PathBuf,
         #[command(flatten)]
         overrides: Overrides,
@@ -61,20 +62,28 @@ pub enum Command {
     /// Follow a run until it ends: a progress bar per stage, then the summary `davinci run`
     /// prints; exits non-zero unless it succeeded.
     Watch {
+        /// The run id `runs submit` printed.
         run_id: String,
         /// One JSON object per run event on stdout, the last with the summary (for scripts).
         #[arg(long)]
         json: bool,
     },
-    /// One run as JSON-like text.
-    Get { run_id: String },
+    /// One run: its state, root and stages.
+    Get {
+        /// The run id.
+        run_id: String,
+    },
     /// Runs, newest first.
     List {
+        /// At most this many runs (0: all).
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
     /// Stop every stage of a run.
-    Cancel { run_id: String },
+    Cancel {
+        /// The run id.
+        run_id: String,
+    },
 }
 
 type Client = ConductorClient<InterceptedService<Channel, ClientInterceptor>>;
