@@ -422,7 +422,7 @@ impl Harness {
         if !setup.is_empty() {
             let st = self
                 .step(
-                    &ws,
+                    ws,
                     &format!("set -e\n{setup}"),
                     self.cfg.setup_timeout,
                     self.cfg.setup_network,
@@ -458,7 +458,7 @@ impl Harness {
             fail = APPLY_PATCH_FAIL
         );
         let st = self
-            .step(&ws, &apply, Duration::from_secs(300), false)
+            .step(ws, &apply, Duration::from_secs(300), false)
             .await?;
         log.push_str(&st.log);
         if st.exit != Some(0) {
@@ -473,7 +473,7 @@ impl Harness {
             end = END_TEST_OUTPUT,
             cmd = test_command(inst),
         );
-        let st = self.step(&ws, &eval, self.cfg.test_timeout, false).await?;
+        let st = self.step(ws, &eval, self.cfg.test_timeout, false).await?;
         log.push_str(&st.log);
         if st.exit == Some(97) && st.log.contains("test patch failed") {
             return Ok(Ran::new(
