@@ -11,6 +11,7 @@ mod run;
 mod runs;
 mod runspec;
 mod serve;
+mod train;
 
 /// davinci turns merged pull requests and executable repositories into agent-native training
 /// data for coding agents, packs it for Megatron-LM, and evaluates models.
@@ -33,6 +34,8 @@ enum Command {
     Reconstruct(reconstruct::Args),
     /// Tokenize samples and pack them into Megatron indexed-dataset shards.
     Pack(pack::Args),
+    /// Train a Qwen2 model on packed shards in this process (candle; resumes from OUT).
+    Train(train::Args),
     /// Evaluate predictions and completions (SWE-bench, HumanEval, EvalPlus).
     #[command(subcommand)]
     Eval(eval::Command),
@@ -61,6 +64,7 @@ fn main() -> std::process::ExitCode {
             Command::Crawl(a) => crawl::run(a).await,
             Command::Reconstruct(a) => reconstruct::run(a).await,
             Command::Pack(a) => pack::run(a).await,
+            Command::Train(a) => train::run(a).await,
             Command::Eval(c) => eval::run(c).await,
             Command::Serve(a) => serve::run(a).await,
             Command::Health(a) => health::run(a).await,

@@ -111,7 +111,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 davinci_tokenizer_packer::serve::PackerService::new(jobs.clone(), s3.clone())
                     .with_queue(queue.clone()),
             ),
-        );
+        )
+        .add_service(davinci_trainer::serve::TrainerService::new(jobs.clone()).into_server());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let opts = ServeOptions {
         request_timeout: std::time::Duration::from_secs(3600),
@@ -130,7 +131,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let addrs = StageAddrs {
         crawler: addr.clone(),
         reconstructor: addr.clone(),
-        tokenizer_packer: addr,
+        tokenizer_packer: addr.clone(),
+        trainer: addr,
     };
     let mut clients = StageClients::connect(&addrs, None).await?;
 
@@ -239,6 +241,14 @@ pub fn print_summary(
                 );
             }
         }
+    }
+    if let Some(t) = stages.iter().find(|s| s.stage == "train") {
+        println!(
+            "trained: {} steps, {} tokens; checkpoints in {}/runs/{run}/checkpoints/",
+            t.counters.get("steps").copied().unwrap_or_default(),
+            t.counters.get("tokens").copied().unwrap_or_default(),
+            root.trim_end_matches('/')
+        );
     }
     let times: Vec<String> = stages
         .iter()

@@ -123,6 +123,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                             crawler: pick(&svc.crawler),
                             reconstructor: pick(&svc.reconstructor),
                             tokenizer_packer: pick(&svc.tokenizer_packer),
+                            trainer: pick(&svc.trainer),
                         },
                         token: opts.auth_token.clone(),
                         // made absolute when the settings were loaded

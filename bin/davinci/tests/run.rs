@@ -187,6 +187,58 @@ fn embedded_run_writes_samples_shards_and_summary() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("packing.seq_len"));
 }
 
+/// With a `training:` section the run goes on to train on its packed shards and records the
+/// checkpoints under `runs/{run}/checkpoints/`.
+#[test]
+fn embedded_run_trains_after_packing() {
+    let repo = tempfile::tempdir().unwrap();
+    fixture_repo(repo.path());
+    let data = tempfile::tempdir().unwrap();
+    let model = data.path().join("tiny.json");
+    std::fs::write(
+        &model,
+        r#"{"vocab_size": 1536, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": true}"#,
+    )
+    .unwrap();
+    let spec_file = data.path().join("run.yaml");
+    let training = format!(
+        "training:\n  model: {}\n  global_batch: 1\n  checkpoint_every: 1\n  stages:\n    - {{name: stage1, lr: 1.0e-3, epochs: 2}}\n",
+        model.display()
+    );
+    let store = format!("file://{}/store", data.path().display());
+    std::fs::write(&spec_file, spec(repo.path(), &store) + &training).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_davinci"))
+        .arg("run")
+        .arg(&spec_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("trained: 2 steps"), "{stdout}");
+    let run = data.path().join("store/runs/fixture");
+    for step in ["1", "2"] {
+        assert!(
+            run.join("checkpoints")
+                .join(step)
+                .join("model.safetensors")
+                .is_file()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(run.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_run_on_redis_and_s3_matches_embedded_run() {
     let repo = tempfile::tempdir().unwrap();

@@ -78,6 +78,7 @@ impl Grads {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AdamWConfig {
     pub beta1: f64,
     pub beta2: f64,

@@ -86,6 +86,7 @@ pub struct ServicesSettings {
     pub crawler: String,
     pub reconstructor: String,
     pub tokenizer_packer: String,
+    pub trainer: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

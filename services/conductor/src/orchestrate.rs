@@ -1,13 +1,15 @@
-//! Drives one run through its stages over gRPC: crawl → reconstruct → pack. The embedded
+//! Drives one run through its stages over gRPC: crawl → reconstruct → pack (→ train when the
+//! spec has a `training:` section). The embedded
 //! `davinci run` and the distributed conductor use this same code, so both produce the same
 //! outputs for the same spec.
 use crate::spec::RunSpec;
 use davinci_proto::v1::crawler_client::CrawlerClient;
 use davinci_proto::v1::reconstructor_client::ReconstructorClient;
 use davinci_proto::v1::tokenizer_packer_client::TokenizerPackerClient;
+use davinci_proto::v1::trainer_client::TrainerClient;
 use davinci_proto::v1::{
     Job, JobRef, JobState, ProgressEvent, StageStatus, StartCrawlRequest, StartPackRequest,
-    StartReconstructRequest,
+    StartReconstructRequest, StartTrainRequest,
 };
 use davinci_runtime::grpc::{self, ClientInterceptor};
 use davinci_runtime::jobs::INTERRUPTED;
@@ -25,6 +27,7 @@ pub struct StageAddrs {
     pub crawler: String,
     pub reconstructor: String,
     pub tokenizer_packer: String,
+    pub trainer: String,
 }
 
 /// gRPC clients of the stage services a run uses.
@@ -33,6 +36,7 @@ pub struct StageClients {
     crawler: CrawlerClient<Chan>,
     reconstructor: ReconstructorClient<Chan>,
     packer: TokenizerPackerClient<Chan>,
+    trainer: TrainerClient<Chan>,
 }
 
 impl StageClients {
@@ -49,14 +53,23 @@ impl StageClients {
             ),
             packer: TokenizerPackerClient::with_interceptor(
                 grpc::connect(&addrs.tokenizer_packer).await?,
-                i,
+                i.clone(),
             ),
+            trainer: TrainerClient::with_interceptor(grpc::connect(&addrs.trainer).await?, i),
         })
     }
 }
 
-/// The stages of a run, in order.
-pub const STAGES: [&str; 3] = ["crawl", "reconstruct", "pack"];
+/// Every stage a run can have, in order.
+pub const STAGES: [&str; 4] = ["crawl", "reconstruct", "pack", "train"];
+
+/// The stages `spec` runs: train only with a `training:` section.
+pub fn stages(spec: &RunSpec) -> Vec<&'static str> {
+    STAGES
+        .into_iter()
+        .filter(|s| *s != "train" || spec.training.is_some())
+        .collect()
+}
 
 impl StageClients {
     async fn start(
@@ -85,13 +98,19 @@ impl StageClients {
                     })
                     .await
             }
-            _ => {
+            "pack" => {
                 let s = spec.pack_spec(root, &run_id);
                 self.packer
                     .start_pack(StartPackRequest {
                         run_id,
                         spec: Some(s),
                     })
+                    .await
+            }
+            _ => {
+                let s = spec.train_spec(root, &run_id);
+                self.trainer
+                    .start_train(StartTrainRequest { run_id, spec: s })
                     .await
             }
         };
@@ -105,7 +124,8 @@ impl StageClients {
         match stage {
             "crawl" => self.crawler.get_crawl(r).await,
             "reconstruct" => self.reconstructor.get_reconstruct(r).await,
-            _ => self.packer.get_pack(r).await,
+            "pack" => self.packer.get_pack(r).await,
+            _ => self.trainer.get_train(r).await,
         }
         .map(|r| r.into_inner())
     }
@@ -121,7 +141,8 @@ impl StageClients {
         match stage {
             "crawl" => self.crawler.watch_crawl(r).await,
             "reconstruct" => self.reconstructor.watch_reconstruct(r).await,
-            _ => self.packer.watch_pack(r).await,
+            "pack" => self.packer.watch_pack(r).await,
+            _ => self.trainer.watch_train(r).await,
         }
         .map(|r| r.into_inner())
     }
@@ -133,7 +154,8 @@ impl StageClients {
         let res = match stage {
             "crawl" => self.crawler.cancel_crawl(r).await,
             "reconstruct" => self.reconstructor.cancel_reconstruct(r).await,
-            _ => self.packer.cancel_pack(r).await,
+            "pack" => self.packer.cancel_pack(r).await,
+            _ => self.trainer.cancel_train(r).await,
         };
         if let Err(e) = res {
             tracing::warn!(stage, job_id = id, error = %e, "cancelling the stage job failed");
@@ -178,7 +200,7 @@ pub async fn execute(
     mut on_update: impl FnMut(&StageStatus) + Send,
 ) -> anyhow::Result<Vec<StageStatus>> {
     let mut done = Vec::new();
-    for stage in STAGES {
+    for stage in stages(spec) {
         let started = Instant::now();
         let mut status = StageStatus {
             stage: stage.to_string(),

@@ -1,5 +1,5 @@
 //! gRPC wiring of the conductor.
-use crate::orchestrate::{STAGES, StageAddrs, StageClients, execute};
+use crate::orchestrate::{StageAddrs, StageClients, execute, stages as run_stages};
 use crate::spec::RunSpec;
 use crate::summary::RunSummary;
 use davinci_proto::v1::StageStatus;
@@ -64,6 +64,7 @@ impl ConductorService {
                         StageClients::connect(&cfg.stages, cfg.token.as_deref()).await?;
                     let token = handle.cancel_token();
                     let h = handle.clone();
+                    let order = run_stages(&spec);
                     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StageStatus>();
                     let follower = tokio::spawn(async move {
                         while let Some(st) = rx.recv().await {
@@ -82,8 +83,8 @@ impl ConductorService {
                                     None => v.push(st.clone()),
                                 }
                             }
-                            let i = STAGES.iter().position(|s| *s == st.stage).unwrap_or(0) as u64;
-                            h.progress(i, STAGES.len() as u64, &msg).await;
+                            let i = order.iter().position(|s| *s == st.stage).unwrap_or(0) as u64;
+                            h.progress(i, order.len() as u64, &msg).await;
                         }
                     });
                     let res = execute(&mut clients, handle.id(), &root, &spec, &token, |st| {

@@ -2,7 +2,7 @@
 //! wrong types and impossible values are refused with the path of the field.
 use davinci_core::pr::RepoMeta;
 use davinci_core::sample::SampleSource;
-use davinci_proto::v1::{CrawlSpec, PackSpec, ReconstructSpec};
+use davinci_proto::v1::{CrawlSpec, PackSpec, ReconstructSpec, TrainSpec};
 use serde::{Deserialize, Serialize};
 
 /// A refused spec: where and why.
@@ -44,11 +44,12 @@ pub struct RunSpec {
     /// Stages and their datasets; default: the paper's stage1 / stage2 / sft.
     #[serde(default)]
     pub mixture: Option<Mixture>,
-    /// Reserved for the rollout, training and evaluation stages (later releases).
+    /// Reserved for the rollout and evaluation stages (later releases).
     #[serde(default)]
     pub rollout: Option<Reserved>,
+    /// The train stage after pack; absent: the run ends with the packed shards.
     #[serde(default)]
-    pub training: Option<Reserved>,
+    pub training: Option<Training>,
     #[serde(default)]
     pub evaluation: Option<Reserved>,
 }
@@ -249,6 +250,161 @@ pub struct Dataset {
     pub weight: Option<f64>,
 }
 
+/// Training on the run's packed shards; checkpoints land in `runs/{run}/checkpoints/{step}/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Training {
+    /// A Qwen2 `config.json` (fresh weights) or a Hugging Face model directory.
+    pub model: String,
+    /// `candle` (in-process, the embedded default) or `jobset` (Kubernetes, Megatron-LM).
+    #[serde(default = "default_engine")]
+    pub engine: String,
+    /// Packed bins per optimiser step.
+    #[serde(default = "default_global_batch")]
+    pub global_batch: u32,
+    /// Bins per forward/backward pass; gradients accumulate up to `global_batch`.
+    #[serde(default = "default_micro_batch")]
+    pub micro_batch: u32,
+    #[serde(default)]
+    pub seed: u64,
+    /// Global gradient-norm clip (0: none).
+    #[serde(default = "default_clip")]
+    pub clip: f64,
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Schedules per packed stage, in training order; default: every stage, the paper's
+    /// mid-training schedule (lr 8e-5, 5% warmup, cosine, 1 epoch) for mask `all` and its SFT
+    /// schedule (lr 1e-5, 10% warmup, 5 epochs) for `assistant-only`.
+    #[serde(default)]
+    pub stages: Vec<TrainStage>,
+}
+
+fn default_engine() -> String {
+    "candle".into()
+}
+fn default_global_batch() -> u32 {
+    8
+}
+fn default_micro_batch() -> u32 {
+    1
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainStage {
+    /// A mixture stage name.
+    pub name: String,
+    /// Peak learning rate.
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup_ratio: Option<f64>,
+    /// Cosine floor as a fraction of `lr` (default 0.1).
+    #[serde(default)]
+    pub min_lr_ratio: Option<f64>,
+    #[serde(default)]
+    pub epochs: Option<u32>,
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+}
+
+impl Training {
+    fn validate(&self, mixture_stages: &[String]) -> Result<(), SpecError> {
+        if self.model.trim().is_empty() {
+            return Err(err(
+                "training.model",
+                "a Qwen2 config.json or Hugging Face model directory is required",
+            ));
+        }
+        if !matches!(self.engine.as_str(), "candle" | "jobset") {
+            return Err(err(
+                "training.engine",
+                format!("`{}` is not candle or jobset", self.engine),
+            ));
+        }
+        if self.global_batch == 0 {
+            return Err(err("training.global_batch", "must be > 0"));
+        }
+        if self.micro_batch == 0 || self.micro_batch > self.global_batch {
+            return Err(err(
+                "training.micro_batch",
+                format!("must be in 1..={}", self.global_batch),
+            ));
+        }
+        if !(self.clip >= 0.0 && self.clip.is_finite()) {
+            return Err(err("training.clip", "must be >= 0"));
+        }
+        if self.checkpoint_every == 0 {
+            return Err(err("training.checkpoint_every", "must be > 0"));
+        }
+        for (i, s) in self.stages.iter().enumerate() {
+            let p = format!("training.stages[{i}]");
+            if !mixture_stages.contains(&s.name) {
+                return Err(err(
+                    format!("{p}.name"),
+                    format!(
+                        "`{}` is not a mixture stage ({})",
+                        s.name,
+                        mixture_stages.join(", ")
+                    ),
+                ));
+            }
+            if !(s.lr > 0.0 && s.lr.is_finite()) {
+                return Err(err(format!("{p}.lr"), "must be > 0"));
+            }
+            if s.warmup_ratio.is_some_and(|w| !(0.0..1.0).contains(&w)) {
+                return Err(err(format!("{p}.warmup_ratio"), "must be in [0, 1)"));
+            }
+            if s.min_lr_ratio.is_some_and(|w| !(0.0..=1.0).contains(&w)) {
+                return Err(err(format!("{p}.min_lr_ratio"), "must be in [0, 1]"));
+            }
+            if s.epochs == Some(0) {
+                return Err(err(format!("{p}.epochs"), "must be > 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The trainer's config JSON (absent fields take the trainer's defaults).
+    fn config_json(&self) -> serde_json::Value {
+        let stages: Vec<serde_json::Value> = self
+            .stages
+            .iter()
+            .map(|s| {
+                let mut o = serde_json::json!({ "name": s.name, "lr": s.lr });
+                for (k, v) in [
+                    ("warmup_ratio", s.warmup_ratio),
+                    ("min_lr_ratio", s.min_lr_ratio),
+                ] {
+                    if let Some(v) = v {
+                        o[k] = v.into();
+                    }
+                }
+                if let Some(e) = s.epochs {
+                    o["epochs"] = e.into();
+                }
+                if let Some(m) = s.max_steps {
+                    o["max_steps"] = m.into();
+                }
+                o
+            })
+            .collect();
+        serde_json::json!({
+            "stages": stages,
+            "global_batch": self.global_batch,
+            "micro_batch": self.micro_batch,
+            "seed": self.seed,
+            "clip": self.clip,
+            "checkpoint_every": self.checkpoint_every,
+        })
+    }
+}
+
 impl RunSpec {
     /// Parses YAML and validates; errors name the field.
     pub fn parse(yaml: &str) -> Result<Self, SpecError> {
@@ -279,7 +435,18 @@ impl RunSpec {
         }
     }
 
+    /// Mixture stage names: the spec's, or the packer's default stage1 / stage2 / sft.
+    fn stage_names(&self) -> Vec<String> {
+        match &self.mixture {
+            Some(m) => m.stages.iter().map(|s| s.name.clone()).collect(),
+            None => ["stage1", "stage2", "sft"].map(String::from).to_vec(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), SpecError> {
+        if let Some(t) = &self.training {
+            t.validate(&self.stage_names())?;
+        }
         if let Some(id) = &self.run_id
             && (id.is_empty()
                 || id.len() > 64
@@ -495,6 +662,23 @@ impl RunSpec {
     }
 }
 
+impl RunSpec {
+    /// The train stage's spec: the run's packed manifest in, `runs/{run}/` out (checkpoints in
+    /// `checkpoints/{step}/`); `None` without a `training:` section.
+    pub fn train_spec(&self, root: &str, run_id: &str) -> Option<TrainSpec> {
+        let t = self.training.as_ref()?;
+        let root = root.trim_end_matches('/');
+        Some(TrainSpec {
+            data: format!("{root}/runs/{run_id}/packed/manifest.json"),
+            out: format!("{root}/runs/{run_id}"),
+            model: t.model.clone(),
+            engine: t.engine.clone(),
+            config_json: t.config_json().to_string(),
+            ..Default::default()
+        })
+    }
+}
+
 /// The packer's mixture JSON (absent fields take the packer's defaults).
 fn mixture_json(m: &Mixture) -> serde_json::Value {
     let stages: Vec<serde_json::Value> = m
@@ -547,6 +731,63 @@ mod tests {
         assert_eq!(p.seq_len, 4096);
         let m: serde_json::Value = serde_json::from_str(&p.mixture_json).unwrap();
         assert_eq!(m["stages"][1]["datasets"][1]["upsample"], 3.0);
+        assert!(s.train_spec("file:///d", &id).is_none());
+    }
+
+    #[test]
+    fn example_specs_are_valid() {
+        for (name, text) in [
+            (
+                "quickstart",
+                include_str!("../../../deploy/examples/quickstart.yaml"),
+            ),
+            (
+                "quickstart-train",
+                include_str!("../../../deploy/examples/quickstart-train.yaml"),
+            ),
+        ] {
+            let s = RunSpec::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(s.training.is_some(), name == "quickstart-train");
+        }
+    }
+
+    #[test]
+    fn training_section() {
+        let y = format!(
+            "{OK}training:\n  model: deploy/examples/tiny-qwen2.json\n  global_batch: 4\n  stages:\n    - {{name: stage1, lr: 8.0e-5, warmup_ratio: 0.05, epochs: 1}}\n"
+        );
+        let s = RunSpec::parse(&y).unwrap();
+        let t = s.train_spec("file:///d", "r1").unwrap();
+        assert_eq!(t.data, "file:///d/runs/r1/packed/manifest.json");
+        assert_eq!(t.out, "file:///d/runs/r1");
+        assert_eq!(t.engine, "candle");
+        let c: serde_json::Value = serde_json::from_str(&t.config_json).unwrap();
+        assert_eq!(c["global_batch"], 4);
+        assert_eq!(c["stages"][0]["lr"], 8e-5);
+        assert_eq!(c["stages"][0]["warmup_ratio"], 0.05);
+        assert!(c["stages"][0].get("max_steps").is_none());
+        let bad = |from: &str, to: &str| RunSpec::parse(&y.replace(from, to)).unwrap_err().path;
+        assert_eq!(
+            bad("name: stage1, lr", "name: sft, lr"),
+            "training.stages[0].name"
+        );
+        assert_eq!(bad("lr: 8.0e-5", "lr: 0"), "training.stages[0].lr");
+        assert_eq!(
+            bad("warmup_ratio: 0.05", "warmup_ratio: 1.5"),
+            "training.stages[0].warmup_ratio"
+        );
+        assert_eq!(
+            bad("global_batch: 4", "global_batch: 4\n  micro_batch: 8"),
+            "training.micro_batch"
+        );
+        assert_eq!(
+            bad("global_batch: 4", "global_batch: 4\n  engine: torch"),
+            "training.engine"
+        );
+        assert_eq!(
+            bad("global_batch: 4", "global_batch: 4\n  lr: 1"),
+            "training.lr"
+        );
     }
 
     #[test]

@@ -1,0 +1,161 @@
+//! `davinci train`: train a Qwen2 model in this process on packed shards (the candle engine),
+//! with a progress bar, per-step JSON log and checkpoints; rerun the same command to resume.
+use anyhow::Context;
+use davinci_trainer::config::{Overrides, TrainConfig};
+use davinci_trainer::train::{self, Job, ModelSource};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Stages run in the manifest's order, each continuing from the last one's \
+weights: mid-training stages (mask `all`) at peak lr 8e-5 with 5% warmup for one epoch, SFT \
+stages (mask `assistant-only`) at 1e-5 with 10% warmup for five epochs, both with cosine decay \
+to 10% unless --config says otherwise. Output: OUT/checkpoints/{step}/ (config.json, \
+model.safetensors, optimizer.safetensors, state.json; Hugging Face layout) and \
+OUT/train_log.jsonl. Running the same command again resumes from the newest checkpoint."
+)]
+pub struct Args {
+    /// The packer's manifest.json (its shards lie next to it).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// A Qwen2 config.json (fresh weights from --seed) or a Hugging Face model directory
+    /// (config.json + model.safetensors) to continue from.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory (path or file://).
+    #[arg(long)]
+    pub out: String,
+    /// Training config (YAML or JSON: stages with lr / warmup_ratio / min_lr_ratio / epochs /
+    /// max_steps, global_batch, micro_batch, seed, clip, adamw, checkpoint_every).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Cap every stage at this many optimiser steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Rows (packed bins) per optimiser step.
+    #[arg(long)]
+    pub global_batch: Option<usize>,
+    /// Rows per forward/backward pass (gradients accumulate up to --global-batch).
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    /// Peak learning rate of every stage.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of the initial weights and the data order.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Checkpoint every this many steps (and at the end of every stage).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Serve Prometheus /metrics on this address while training (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// The job the flags describe, validated.
+pub fn job(args: &Args) -> anyhow::Result<Job> {
+    let config: TrainConfig = match &args.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let de = serde_norway::Deserializer::from_str(&text);
+            serde_path_to_error::deserialize(de)
+                .map_err(|e| anyhow::anyhow!("{} at `{}`: {}", p.display(), e.path(), e.inner()))?
+        }
+        None => TrainConfig::default(),
+    };
+    let manifest = davinci_trainer::data::Manifest::read(&args.data)?;
+    let config = config.resolve(
+        &manifest,
+        &Overrides {
+            steps: args.steps,
+            global_batch: args.global_batch,
+            micro_batch: args.micro_batch,
+            lr: args.lr,
+            seed: args.seed,
+            checkpoint_every: args.checkpoint_every,
+        },
+    )?;
+    anyhow::ensure!(
+        args.model.exists(),
+        "--model {} does not exist (a config.json or a Hugging Face model directory)",
+        args.model.display()
+    );
+    anyhow::ensure!(
+        !args.out.contains("://") || args.out.starts_with("file://"),
+        "--out {}: the candle engine writes to a local directory (path or file://)",
+        args.out
+    );
+    Ok(Job {
+        manifest: args.data.clone(),
+        model: ModelSource::from_path(&args.model),
+        out: PathBuf::from(args.out.strip_prefix("file://").unwrap_or(&args.out)),
+        config,
+        device: davinci_model::Device::Cpu,
+        precision: davinci_model::Precision::F32,
+    })
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let job = job(&args)?;
+    if let Some(addr) = args.metrics_addr {
+        davinci_runtime::telemetry::install_metrics(addr)?;
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] step {pos}/{len} {wide_msg} (eta {eta})",
+        )
+        .expect("valid template"),
+    );
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let b = bar.clone();
+    let summary = tokio::task::spawn_blocking(move || {
+        train::train(
+            &job,
+            &mut |r| {
+                b.set_length(r.total_steps);
+                b.set_position(r.step);
+                b.set_message(format!(
+                    "{} {}/{} loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s",
+                    r.stage, r.stage_step, r.stage_steps, r.loss, r.lr, r.grad_norm, r.tokens_per_s
+                ));
+            },
+            &cancel,
+        )
+    })
+    .await??;
+    bar.finish_and_clear();
+    eprintln!(
+        "trained {} parameters for {} steps ({} tokens) in {:.1} s{}; loss {} → {}",
+        summary.parameters,
+        summary.steps,
+        summary.tokens,
+        summary.seconds,
+        summary
+            .resumed_from
+            .map(|s| format!(", resumed from step {s}"))
+            .unwrap_or_default(),
+        summary
+            .first_loss
+            .map(|l| format!("{l:.4}"))
+            .unwrap_or("-".into()),
+        summary
+            .last_loss
+            .map(|l| format!("{l:.4}"))
+            .unwrap_or("-".into()),
+    );
+    for c in &summary.checkpoints {
+        eprintln!("checkpoint {}", c.display());
+    }
+    Ok(())
+}
