@@ -80,7 +80,8 @@ fn loss_falls_on_packed_shards() {
     assert_eq!(s.steps, 12);
     let first: f64 = steps[..3].iter().map(|r| r.loss).sum::<f64>() / 3.0;
     let last: f64 = steps[9..].iter().map(|r| r.loss).sum::<f64>() / 3.0;
-    println!("loss {first:.4} -> {last:.4}");
+    let curve: Vec<String> = steps.iter().map(|r| format!("{:.3}", r.loss)).collect();
+    println!("loss per step: {}", curve.join(" "));
     assert!(last < first - 0.5, "loss {first} -> {last}");
     // the initial loss is that of a near-uniform guess over the vocabulary
     assert!(
