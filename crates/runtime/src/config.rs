@@ -153,6 +153,9 @@ pub struct QueueSettings {
     pub max_attempts: u32,
     pub high_water_mark: u64,
     pub group: String,
+    /// First backoff after a transient failure, doubled per attempt up to `max_retry_backoff_ms`.
+    pub retry_backoff_ms: u64,
+    pub max_retry_backoff_ms: u64,
 }
 
 impl Default for QueueSettings {
@@ -164,6 +167,8 @@ impl Default for QueueSettings {
             max_attempts: q.max_attempts,
             high_water_mark: q.high_water_mark,
             group: q.group,
+            retry_backoff_ms: q.retry_backoff.as_millis() as u64,
+            max_retry_backoff_ms: q.max_retry_backoff.as_millis() as u64,
         }
     }
 }
@@ -175,6 +180,8 @@ impl QueueSettings {
             max_attempts: self.max_attempts,
             high_water_mark: self.high_water_mark,
             group: self.group.clone(),
+            retry_backoff: std::time::Duration::from_millis(self.retry_backoff_ms),
+            max_retry_backoff: std::time::Duration::from_millis(self.max_retry_backoff_ms),
         }
     }
 }
@@ -346,6 +353,12 @@ impl Settings {
         }
         if self.queue.group.is_empty() {
             return Err(ConfigError::new("queue.group", "must not be empty"));
+        }
+        if self.queue.max_retry_backoff_ms < self.queue.retry_backoff_ms {
+            return Err(ConfigError::new(
+                "queue.max_retry_backoff_ms",
+                "must not be less than queue.retry_backoff_ms",
+            ));
         }
         let api = &self.github.api_url;
         if !(api.starts_with("https://") || api.starts_with("http://")) {

@@ -12,6 +12,7 @@
 //! sees it there and fails the job with that input's error instead of waiting forever.
 use crate::blob::{self, BlobError, BlobStore, S3Config};
 use crate::queue::{ClaimCheck, Delivery, WorkQueue};
+use crate::retry::{PermanentExt, is_permanent};
 use crate::shard;
 use bytes::Bytes;
 use serde::Serialize;
@@ -287,24 +288,31 @@ where
     }
 }
 
-/// Reads a claim's input shard and checks it against the claim's SHA-256.
+/// Reads a claim's input shard and checks it against the claim's SHA-256. An input that is
+/// gone or changed fails permanently: reading it again gives the same answer.
 pub async fn read_input(claim: &ClaimCheck, s3: &S3Config) -> anyhow::Result<(String, Bytes)> {
     let (dir, name) = claim
         .uri
         .rsplit_once('/')
-        .ok_or_else(|| anyhow::anyhow!("claim check uri `{}` names no object", claim.uri))?;
+        .ok_or_else(|| anyhow::anyhow!("claim check uri `{}` names no object", claim.uri))
+        .permanent()?;
     let store = blob::open(dir, s3).await?;
-    let data = store
-        .get(name)
-        .await
-        .map_err(|e| anyhow::anyhow!("{}: {e}", claim.uri))?;
+    let data = match store.get(name).await {
+        Ok(d) => d,
+        Err(e @ BlobError::NotFound(_)) => {
+            return Err(anyhow::anyhow!("{}: {e}", claim.uri)).permanent();
+        }
+        Err(e) => anyhow::bail!("{}: {e}", claim.uri),
+    };
     let actual = shard::sha256_hex(&data);
-    anyhow::ensure!(
-        actual.eq_ignore_ascii_case(&claim.sha256),
-        "{}: content changed since it was announced (sha256 {actual}, claim {})",
-        claim.uri,
-        claim.sha256
-    );
+    if !actual.eq_ignore_ascii_case(&claim.sha256) {
+        return Err(anyhow::anyhow!(
+            "{}: content changed since it was announced (sha256 {actual}, claim {})",
+            claim.uri,
+            claim.sha256
+        ))
+        .permanent();
+    }
     Ok((name.to_string(), data))
 }
 
@@ -318,10 +326,12 @@ pub struct Claimed {
 
 /// Takes `topic`'s claims until `shutdown`. An input whose part is already committed is acked
 /// untouched (a redelivery after the worker died between commit and ack); otherwise `handle`
-/// writes its outputs and the marker. A failure is nacked with its error: the queue retries it
-/// and dead-letters it after its last attempt, and the worker goes on. While `handle` runs, the
-/// item's lease is extended every third of the visibility timeout, so a long item stays with
-/// this worker instead of being started again by another replica.
+/// writes its outputs and the marker. A permanent failure ([`crate::retry::permanent`]) goes to
+/// the dead-letter stream at once with its error; any other is nacked with it, to be retried
+/// after the queue's backoff and dead-lettered after its last attempt. Either way the worker
+/// goes on. While `handle` runs, the item's lease is extended every third of the visibility
+/// timeout, so a long item stays with this worker instead of being started again by another
+/// replica.
 pub async fn serve_topic<F, Fut>(
     queue: Arc<dyn WorkQueue>,
     topic: &str,
@@ -354,10 +364,29 @@ where
                 queue.ack(&d).await?;
                 done += 1;
             }
+            Err(e) if is_permanent(&e) => {
+                let error = format!("{e:#}");
+                tracing::warn!(
+                    topic,
+                    id = %d.id,
+                    attempt = d.attempt,
+                    error = %error,
+                    "work item failed permanently; dead-lettered without a retry"
+                );
+                queue.dead_letter(&d, &error).await?;
+            }
             Err(e) => {
                 let error = format!("{e:#}");
-                tracing::warn!(topic, id = %d.id, attempt = d.attempt, error = %error, "work item failed");
-                queue.nack(&d, &error, None).await?;
+                let delay = queue.retry_delay(d.attempt);
+                tracing::warn!(
+                    topic,
+                    id = %d.id,
+                    attempt = d.attempt,
+                    retry_in_ms = delay.as_millis() as u64,
+                    error = %error,
+                    "work item failed"
+                );
+                queue.nack(&d, &error, Some(delay)).await?;
             }
         }
     }
@@ -396,12 +425,13 @@ where
     F: FnMut(Claimed) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let claim = ClaimCheck::from_payload(&d.payload)?;
+    let claim = ClaimCheck::from_payload(&d.payload).permanent()?;
     let (Some(work), Some(part)) = (claim.work.clone(), claim.part.clone()) else {
-        anyhow::bail!(
+        return Err(anyhow::anyhow!(
             "claim check for {} names no work directory or part: publish inputs through a stage job",
             claim.uri
-        );
+        ))
+        .permanent();
     };
     let work = Work::open(&work, s3).await?;
     if work.part::<serde_json::Value>(&part).await?.is_some() {

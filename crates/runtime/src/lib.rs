@@ -8,5 +8,6 @@ pub mod fanout;
 pub mod grpc;
 pub mod jobs;
 pub mod queue;
+pub mod retry;
 pub mod shard;
 pub mod telemetry;

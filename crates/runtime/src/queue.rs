@@ -78,6 +78,11 @@ pub struct QueueOptions {
     pub high_water_mark: u64,
     /// Consumer group every replica of a service joins.
     pub group: String,
+    /// Delay before the first retry of an item that failed transiently; each further retry
+    /// waits twice as long as the one before, up to [`Self::max_retry_backoff`].
+    pub retry_backoff: Duration,
+    /// The longest backoff.
+    pub max_retry_backoff: Duration,
 }
 
 impl Default for QueueOptions {
@@ -87,6 +92,8 @@ impl Default for QueueOptions {
             max_attempts: 5,
             high_water_mark: 10_000,
             group: "davinci".into(),
+            retry_backoff: Duration::from_secs(1),
+            max_retry_backoff: Duration::from_secs(60),
         }
     }
 }
@@ -130,8 +137,15 @@ pub trait WorkQueue: Send + Sync + std::fmt::Debug {
         error: &str,
         retry_after: Option<Duration>,
     ) -> QueueResult<()>;
+    /// The item cannot succeed (a permanent failure, see [`crate::retry`]): it goes to the
+    /// dead-letter stream at once with `error`, whatever attempts it has left. A stale
+    /// delivery is ignored, as by [`Self::nack`].
+    async fn dead_letter(&self, delivery: &Delivery, error: &str) -> QueueResult<()>;
     /// How long a delivered item stays with its consumer without an ack or [`Self::extend`].
     fn visibility_timeout(&self) -> Duration;
+    /// How long to wait before retrying an item whose delivery `attempt` failed transiently
+    /// ([`QueueOptions::retry_delay`]).
+    fn retry_delay(&self, attempt: u32) -> Duration;
     /// Items in `{topic}:dlq`, oldest first.
     async fn dead_letters(&self, topic: &str) -> QueueResult<Vec<DeadLetter>>;
     /// Items published and not yet acked or dead-lettered (waiting, in flight or delayed).
@@ -155,6 +169,15 @@ impl ClaimCheck {
 }
 
 impl QueueOptions {
+    /// The backoff after a transient failure of delivery `attempt` (1-based): `retry_backoff`
+    /// doubled for each attempt before it, at most `max_retry_backoff`.
+    pub fn retry_delay(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(31);
+        self.retry_backoff
+            .saturating_mul(1 << doublings)
+            .min(self.max_retry_backoff)
+    }
+
     /// Refuses values with which the queue cannot work (zero attempts, a zero high-water mark
     /// that would block every publish, a zero visibility timeout, a group name that breaks keys).
     pub fn validate(&self) -> QueueResult<()> {
@@ -181,6 +204,15 @@ impl QueueOptions {
         }
         if let Err(reason) = check_name(&self.group) {
             return bad("group", &reason);
+        }
+        if self.max_retry_backoff < self.retry_backoff {
+            return bad(
+                "max_retry_backoff",
+                "must not be shorter than retry_backoff",
+            );
+        }
+        if self.max_retry_backoff > Duration::from_secs(24 * 3600) {
+            return bad("max_retry_backoff", "must be at most one day");
         }
         Ok(())
     }
@@ -326,6 +358,27 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("high_water_mark"), "{err}");
         assert!(QueueOptions::default().validate().is_ok());
+        let err = QueueOptions {
+            retry_backoff: Duration::from_secs(2),
+            max_retry_backoff: Duration::from_secs(1),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("max_retry_backoff"), "{err}");
+    }
+
+    #[test]
+    fn retry_delay_doubles_up_to_its_bound() {
+        let o = QueueOptions {
+            retry_backoff: Duration::from_millis(100),
+            max_retry_backoff: Duration::from_millis(500),
+            ..Default::default()
+        };
+        let ms: Vec<u128> = (1..=6).map(|a| o.retry_delay(a).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 500, 500, 500]);
+        assert_eq!(o.retry_delay(u32::MAX), Duration::from_millis(500));
+        assert_eq!(o.retry_delay(0), Duration::from_millis(100));
     }
 
     #[test]

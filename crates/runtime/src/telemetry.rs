@@ -31,6 +31,12 @@ impl LogFormat {
     }
 }
 
+/// Whether human logs may colour: only on a terminal, and never when `NO_COLOR` is set to
+/// anything but the empty string (<https://no-color.org>).
+pub fn use_colour(is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Flushes pending spans when dropped.
 #[must_use = "dropping the guard stops trace export"]
 pub struct TelemetryGuard {
@@ -56,10 +62,18 @@ pub fn init(service: &str, format: LogFormat, level: &str) -> anyhow::Result<Tel
             .with_current_span(true)
             .with_writer(std::io::stderr)
             .boxed(),
-        LogFormat::Human => tracing_subscriber::fmt::layer()
-            .with_target(false)
-            .with_writer(std::io::stderr)
-            .boxed(),
+        LogFormat::Human => {
+            use std::io::IsTerminal;
+            let colour = use_colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR").as_deref(),
+            );
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_ansi(colour)
+                .with_writer(std::io::stderr)
+                .boxed()
+        }
     };
     let mut provider = None;
     let otel = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
@@ -166,5 +180,20 @@ pub fn inject_grpc_metadata(meta: &mut tonic::metadata::MetadataMap) {
         && let Ok(v) = tp.parse()
     {
         meta.insert("traceparent", v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some(OsStr::new(""))));
+        assert!(!use_colour(true, Some(OsStr::new("1"))));
+        assert!(!use_colour(false, None));
+        assert!(!use_colour(false, Some(OsStr::new(""))));
     }
 }

@@ -152,6 +152,7 @@ async fn a_dead_lettered_input_fails_the_job_with_its_error() {
     let root = format!("file://{}", dir.path().display());
     let queue: Arc<dyn WorkQueue> = Arc::new(MemoryQueue::new(QueueOptions {
         max_attempts: 2,
+        retry_backoff: Duration::from_millis(10),
         ..Default::default()
     }));
     let items = inputs(&root, 15).await;
@@ -345,4 +346,129 @@ async fn a_handler_longer_than_the_visibility_timeout_runs_once() {
     assert_eq!(done.iter().sum::<u64>(), 1, "acks per worker: {done:?}");
     assert_eq!(queue.backlog(TOPIC).await.unwrap(), 0);
     assert!(queue.dead_letters(TOPIC).await.unwrap().is_empty());
+}
+
+/// Input 0 fails permanently, input 1 fails transiently twice and then succeeds, input 2 fails
+/// transiently every time. The permanent failure is tried once and dead-lettered with its
+/// reason; the transient ones are retried after delays that double, and input 2 is
+/// dead-lettered after its last attempt.
+async fn permanent_failures_are_not_retried_and_transient_ones_back_off(
+    queue: Arc<dyn WorkQueue>,
+    backoff: Duration,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().display());
+    let items = inputs(&root, 3).await;
+    let work = Work::open(
+        &Work::dir_uri(&root, "r1", "flaky", &"spec"),
+        &S3Config::default(),
+    )
+    .await
+    .unwrap();
+    let tries: Arc<std::sync::Mutex<Vec<Vec<std::time::Instant>>>> =
+        Arc::new(std::sync::Mutex::new(vec![Vec::new(); 3]));
+    let stop = CancellationToken::new();
+    let (q, t, s) = (queue.clone(), tries.clone(), stop.clone());
+    let worker = tokio::spawn(async move {
+        fanout::serve_topic(q, TOPIC, "w", S3Config::default(), s, |c| {
+            let tries = t.clone();
+            async move {
+                let (_, data) = fanout::read_input(&c.claim, &S3Config::default()).await?;
+                let v: serde_json::Value = serde_json::from_slice(&data)?;
+                let n = v["n"].as_u64().unwrap() as usize;
+                let attempt = {
+                    let mut tries = tries.lock().unwrap();
+                    tries[n].push(std::time::Instant::now());
+                    tries[n].len()
+                };
+                match (n, attempt) {
+                    (0, _) => Err(davinci_runtime::retry::permanent(anyhow::anyhow!(
+                        "repository acme/nothing does not exist"
+                    ))),
+                    (1, 1..=2) | (2, _) => anyhow::bail!("connection reset by peer"),
+                    _ => c.work.commit_part(&c.part, &serde_json::json!({})).await,
+                }
+            }
+        })
+        .await
+    });
+    let mut failed = fanout::distribute(
+        queue.as_ref(),
+        TOPIC,
+        &work,
+        &items,
+        &CancellationToken::new(),
+        &WaitOptions {
+            fail_on_dead_letter: false,
+            ..opts()
+        },
+        |_, _| async {},
+    )
+    .await
+    .unwrap();
+    stop.cancel();
+    assert_eq!(worker.await.unwrap().unwrap(), 1, "one input succeeded");
+    failed.sort_by(|a, b| a.uri.cmp(&b.uri));
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(failed[0].uri.ends_with("shard-0.jsonl"), "{failed:?}");
+    assert_eq!(failed[0].attempts, 1, "a permanent failure is tried once");
+    assert!(
+        failed[0]
+            .error
+            .contains("permanent failure, not retried: repository acme/nothing does not exist"),
+        "{}",
+        failed[0].error
+    );
+    assert!(failed[1].uri.ends_with("shard-2.jsonl"), "{failed:?}");
+    assert_eq!(
+        failed[1].attempts, 3,
+        "a transient failure uses every attempt"
+    );
+    assert!(failed[1].error.contains("connection reset by peer"));
+    assert_eq!(work.committed().await.unwrap().len(), 1);
+    assert_eq!(queue.backlog(TOPIC).await.unwrap(), 0);
+
+    let tries = tries.lock().unwrap();
+    assert_eq!(tries[0].len(), 1, "the permanent failure was retried");
+    for n in [1, 2] {
+        assert_eq!(tries[n].len(), 3, "input {n}");
+        let gaps: Vec<Duration> = tries[n].windows(2).map(|w| w[1] - w[0]).collect();
+        eprintln!("input {n}: retried after {gaps:?}");
+        // Redis schedules by its own clock in whole milliseconds: allow 5 ms.
+        let slack = Duration::from_millis(5);
+        assert!(gaps[0] + slack >= backoff, "input {n}: gaps {gaps:?}");
+        assert!(gaps[1] + slack >= backoff * 2, "input {n}: gaps {gaps:?}");
+    }
+}
+
+fn flaky_options() -> QueueOptions {
+    QueueOptions {
+        max_attempts: 3,
+        retry_backoff: Duration::from_millis(150),
+        max_retry_backoff: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_queue_fails_permanent_errors_at_once_and_backs_off_transient_ones() {
+    let queue: Arc<dyn WorkQueue> = Arc::new(MemoryQueue::new(flaky_options()));
+    permanent_failures_are_not_retried_and_transient_ones_back_off(
+        queue,
+        Duration::from_millis(150),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_queue_fails_permanent_errors_at_once_and_backs_off_transient_ones() {
+    let redis = davinci_testkit::RedisServer::start().expect("starting redis-server");
+    let queue = davinci_runtime::queue::connect(&redis.url(), flaky_options())
+        .await
+        .unwrap();
+    permanent_failures_are_not_retried_and_transient_ones_back_off(
+        queue,
+        Duration::from_millis(150),
+    )
+    .await;
 }

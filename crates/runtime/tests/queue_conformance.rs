@@ -46,6 +46,7 @@ fn opts() -> QueueOptions {
         max_attempts: 5,
         high_water_mark: 10_000,
         group: "conformance".into(),
+        ..Default::default()
     }
 }
 
@@ -200,6 +201,37 @@ async fn dead_letter_after_max_attempts(b: &Backend) {
         recv(&q, "t", "c", VT * 2).await.is_none(),
         "a dead letter was delivered again"
     );
+    assert_eq!(q.backlog("t").await.unwrap(), 0);
+}
+
+/// A permanent failure goes to the DLQ on its first attempt, with its error; a stale delivery's
+/// `dead_letter` changes nothing.
+async fn dead_letter_at_once(b: &Backend) {
+    let q = b.connect(opts()).await;
+    let id = q.publish("t", b"malformed").await.unwrap();
+    let d = recv(&q, "t", "c1", Duration::from_secs(2)).await.unwrap();
+    assert_eq!(d.attempt, 1);
+    q.dead_letter(&d, "no such repository").await.unwrap();
+    let dlq = q.dead_letters("t").await.unwrap();
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(
+        (
+            dlq[0].original_id.as_str(),
+            dlq[0].attempts,
+            dlq[0].error.as_str()
+        ),
+        (id.as_str(), 1, "no such repository")
+    );
+    assert_eq!(q.backlog("t").await.unwrap(), 0);
+    assert!(recv(&q, "t", "c1", VT * 2).await.is_none());
+    // Another item taken over after its lease expired: the old holder cannot dead-letter it.
+    q.publish("t", b"slow").await.unwrap();
+    let old = recv(&q, "t", "c1", Duration::from_secs(2)).await.unwrap();
+    let new = recv(&q, "t", "c2", VT * 3).await.expect("redelivered");
+    assert_eq!(new.attempt, 2);
+    q.dead_letter(&old, "stale").await.unwrap();
+    assert_eq!(q.dead_letters("t").await.unwrap().len(), 1);
+    q.ack(&new).await.unwrap();
     assert_eq!(q.backlog("t").await.unwrap(), 0);
 }
 
@@ -512,6 +544,7 @@ conformance!(
     unacked_item_is_redelivered_after_visibility_timeout,
     attempts_count_redeliveries_and_retries,
     dead_letter_after_max_attempts,
+    dead_letter_at_once,
     dead_letter_when_consumers_keep_dying,
     delayed_retry_is_invisible_until_due,
     concurrent_consumers_process_each_item_once,

@@ -26,6 +26,7 @@ fn opts() -> QueueOptions {
         max_attempts: 3,
         high_water_mark: 100,
         group: "sigkill".into(),
+        ..Default::default()
     }
 }
 

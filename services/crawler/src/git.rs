@@ -24,6 +24,7 @@ use davinci_core::pr::{
     Author, AuthorType, BaseFile, Commit, FileChange, FileStatus, GitRef, PR_SCHEMA, PrSource,
     PullRequest, RepoMeta,
 };
+use davinci_runtime::retry::{PermanentExt, permanent};
 use gix::ObjectId;
 use gix::bstr::ByteSlice;
 use regex::Regex;
@@ -98,16 +99,22 @@ static NOREPLY_RE: LazyLock<Regex> = LazyLock::new(|| {
 
 /// Turns `source` (a local repository path or a clone URL) into a local git directory. URLs are
 /// cloned bare and blobless into `cache_dir` (or updated with `git fetch` when already there).
+/// A source that is neither, and a clone that fails for good (no such repository, an unknown
+/// host, no access), fail permanently ([`davinci_runtime::retry`]).
 pub fn prepare(source: &str, cache_dir: &Path) -> Result<PathBuf> {
     let p = Path::new(source);
     if p.exists() {
         return Ok(p.to_path_buf());
     }
     if !looks_like_url(source) {
-        bail!("repository `{source}` is neither an existing path nor a clone URL");
+        return Err(anyhow!(
+            "repository `{source}` is neither an existing path nor a clone URL"
+        ))
+        .permanent();
     }
     let name = repo_name_from_url(source)
-        .ok_or_else(|| anyhow!("cannot derive owner/name from clone URL `{source}`"))?;
+        .ok_or_else(|| anyhow!("cannot derive owner/name from clone URL `{source}`"))
+        .permanent()?;
     // Keyed by the URL too: one owner/name on two hosts (github.com, an Enterprise Server, a
     // mirror) are two clones.
     let url_hash = &davinci_runtime::shard::sha256_hex(source.as_bytes())[..8];
@@ -125,19 +132,53 @@ pub fn prepare(source: &str, cache_dir: &Path) -> Result<PathBuf> {
     } else {
         let tmp = cache_dir.join(format!(".{key}.partial"));
         let _ = std::fs::remove_dir_all(&tmp);
-        let status = Command::new("git")
+        // Never wait on a credential prompt: GitHub answers a missing repository with one.
+        let out = Command::new("git")
             .args(["clone", "--quiet", "--bare", "--filter=blob:none", source])
             .arg(&tmp)
-            .status()
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .stdin(std::process::Stdio::null())
+            .output()
             .context("running `git clone` (is git installed?)")?;
-        if !status.success() {
-            bail!("`git clone --filter=blob:none {source}` failed with {status}");
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let e = anyhow!(
+                "`git clone --filter=blob:none {source}` failed with {}: {}",
+                out.status,
+                stderr.trim()
+            );
+            return Err(if clone_fails_for_good(&stderr) {
+                permanent(e)
+            } else {
+                e
+            });
         }
         // a bare clone maps remote branches straight onto local ones; keep `origin` configured
         std::fs::rename(&tmp, &dir)
             .with_context(|| format!("moving clone to {}", dir.display()))?;
     }
     Ok(dir)
+}
+
+/// Whether `git clone`'s stderr says that trying again cannot help: the repository or host
+/// does not exist, or it needs credentials we do not have. Anything else (a timeout, a dropped
+/// connection, a server error) may pass.
+fn clone_fails_for_good(stderr: &str) -> bool {
+    let s = stderr.to_ascii_lowercase();
+    [
+        "not found",
+        "does not exist",
+        "does not appear to be a git repository",
+        "not a git repository",
+        "could not resolve host",
+        "could not read username",
+        "terminal prompts disabled",
+        "authentication failed",
+        "unable to find remote helper",
+        "is not supported",
+    ]
+    .iter()
+    .any(|p| s.contains(p))
 }
 
 fn looks_like_url(s: &str) -> bool {
@@ -215,8 +256,9 @@ impl GitSource {
     /// Opens the repository at `dir`. Its `owner/name` comes from `repo_name`, else from the
     /// `origin` remote URL; one of the two must give it.
     pub fn open(dir: &Path, repo_name: Option<&str>, opts: GitOptions) -> Result<Self> {
-        let repo =
-            gix::open(dir).with_context(|| format!("opening git repository {}", dir.display()))?;
+        let repo = gix::open(dir)
+            .with_context(|| format!("opening git repository {}", dir.display()))
+            .permanent()?;
         let snapshot = repo.config_snapshot();
         let origin = snapshot
             .string("remote.origin.url")
@@ -224,15 +266,19 @@ impl GitSource {
         let promisor = snapshot.boolean("remote.origin.promisor").unwrap_or(false);
         let full_name = match repo_name {
             Some(n) => {
-                validate_full_name(n)?;
+                validate_full_name(n).permanent()?;
                 n.to_string()
             }
-            None => origin.as_deref().and_then(repo_name_from_url).ok_or_else(|| {
-                anyhow!(
-                    "cannot tell the owner/name of {}: no usable `origin` remote URL; name it (`davinci crawl --repo-name owner/name`, `davinci run --repo PATH,name=owner/name`)",
-                    dir.display()
-                )
-            })?,
+            None => origin
+                .as_deref()
+                .and_then(repo_name_from_url)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "cannot tell the owner/name of {}: no usable `origin` remote URL; name it (`davinci crawl --repo-name owner/name`, `davinci run --repo PATH,name=owner/name`)",
+                        dir.display()
+                    )
+                })
+                .permanent()?,
         };
         let diff_cache = repo
             .diff_resource_cache_for_tree_diff()
@@ -992,6 +1038,37 @@ pub fn validate_full_name(n: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A repository that is not there fails permanently (the work item is not retried); a
+    /// dropped connection does not.
+    #[test]
+    fn missing_repositories_fail_permanently() {
+        use davinci_runtime::retry::is_permanent;
+        let cache = tempfile::tempdir().unwrap();
+        let e = prepare("/nonexistent/repository", cache.path()).unwrap_err();
+        assert!(is_permanent(&e), "{e:#}");
+        let gone = format!("file://{}/acme/gone.git", cache.path().display());
+        let e = prepare(&gone, cache.path()).unwrap_err();
+        assert!(is_permanent(&e), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("does not appear to be a git repository"),
+            "{e:#}"
+        );
+        let e = GitSource::open(cache.path(), None, GitOptions::default()).unwrap_err();
+        assert!(is_permanent(&e), "{e:#}");
+        assert!(clone_fails_for_good(
+            "fatal: unable to access 'https://github.com/acme/x/': Could not resolve host: github.com"
+        ));
+        assert!(clone_fails_for_good(
+            "remote: Repository not found.\nfatal: repository 'https://github.com/acme/x/' not found"
+        ));
+        assert!(!clone_fails_for_good(
+            "error: RPC failed; curl 56 GnuTLS recv error (-54)\nfatal: early EOF"
+        ));
+        assert!(!clone_fails_for_good(
+            "fatal: unable to access 'https://github.com/acme/x/': Failed to connect to github.com port 443 after 130000 ms: Connection timed out"
+        ));
+    }
 
     #[test]
     fn names_from_urls() {

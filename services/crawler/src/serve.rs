@@ -512,14 +512,16 @@ async fn crawl_part(
         .get(&c.part)
         .ok_or_else(|| anyhow::anyhow!("{}: no repository {} in the job", c.work.uri, c.part))?;
     let spec = w.spec_for(&entry.source);
-    let (cfg, _) =
-        config_from_spec(base, &w.run_id, &spec).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    // A job whose spec the server refuses fails the same way on every attempt.
+    let (cfg, _) = config_from_spec(base, &w.run_id, &spec)
+        .map_err(|e| davinci_runtime::retry::permanent(anyhow::anyhow!("{}", e.message())))?;
     let store = blob::open(&w.out, s3).await?;
     let mut sinks = Sinks::new(store.clone());
     if w.github {
-        sinks.github = Some(
-            client_for(github, &spec, &store).map_err(|e| anyhow::anyhow!("{}", e.message()))?,
-        );
+        sinks.github =
+            Some(client_for(github, &spec, &store).map_err(|e| {
+                davinci_runtime::retry::permanent(anyhow::anyhow!("{}", e.message()))
+            })?);
     }
     let stop = sinks.cancel.clone();
     let sd = shutdown.clone();

@@ -47,12 +47,15 @@ impl ResponseCache for BlobCache {
 /// Reads PR records from a shard (`.jsonl.zst`) or plain JSONL (`.jsonl`) object. Lines that
 /// are not `davinci.pr/v1` records come back as errors with their line number.
 pub fn decode_prs(key: &str, data: &[u8]) -> anyhow::Result<Vec<Result<PullRequest, String>>> {
+    use davinci_runtime::retry::permanent;
+    // Malformed bytes stay malformed: a shard that does not decode is a permanent failure.
     let text = if key.ends_with(".zst") {
         let raw = zstd::stream::decode_all(data)
-            .map_err(|e| anyhow::anyhow!("{key}: not a zstd stream: {e}"))?;
-        String::from_utf8(raw).map_err(|e| anyhow::anyhow!("{key}: not UTF-8: {e}"))?
+            .map_err(|e| permanent(anyhow::anyhow!("{key}: not a zstd stream: {e}")))?;
+        String::from_utf8(raw).map_err(|e| permanent(anyhow::anyhow!("{key}: not UTF-8: {e}")))?
     } else {
-        String::from_utf8(data.to_vec()).map_err(|e| anyhow::anyhow!("{key}: not UTF-8: {e}"))?
+        String::from_utf8(data.to_vec())
+            .map_err(|e| permanent(anyhow::anyhow!("{key}: not UTF-8: {e}")))?
     };
     Ok(text
         .lines()

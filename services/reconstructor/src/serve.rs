@@ -443,7 +443,10 @@ async fn render_part(
     if !jobs.contains_key(&c.work.uri) {
         let ws: WorkSpec = c.work.spec().await?;
         let spec = ws.to_spec();
-        let cfg = config_from_spec(base, &spec).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        // A spec the server refuses, or an input that does not decode, fails the same way on
+        // every attempt: permanent.
+        let cfg = config_from_spec(base, &spec)
+            .map_err(|e| davinci_runtime::retry::permanent(anyhow::anyhow!("{}", e.message())))?;
         let counter = tokenizer(Some(spec.tokenizer.as_str()).filter(|t| !t.is_empty()))?;
         let recon = Reconstructor::new(cfg.clone(), counter)?;
         let output = blob::open(&spec.out, s3).await?;

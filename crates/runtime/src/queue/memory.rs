@@ -204,6 +204,81 @@ impl MemoryQueue {
         }
     }
 
+    /// Ends a failed delivery: back to the topic (after `retry_after`), or into the dead-letter
+    /// stream when it used its last attempt or `dead` says it cannot succeed.
+    async fn fail(
+        &self,
+        delivery: &Delivery,
+        error: &str,
+        retry_after: Option<Duration>,
+        dead: bool,
+    ) -> QueueResult<()> {
+        let mut topics = self.shared.topics.lock().await;
+        let Some(topic) = topics.get_mut(&delivery.topic) else {
+            return Ok(());
+        };
+        // A delivery that was meanwhile handed to another consumer (or finished) is stale: the
+        // current holder decides what happens to the item.
+        match topic.in_flight.get(&delivery.id) {
+            Some(f) if f.attempt == delivery.attempt => {}
+            _ => {
+                tracing::debug!(
+                    topic = delivery.topic,
+                    id = delivery.id,
+                    "ignoring nack of a stale delivery"
+                );
+                return Ok(());
+            }
+        }
+        let flight = topic.in_flight.remove(&delivery.id).expect("checked above");
+        if dead || flight.attempt >= self.opts.max_attempts {
+            // A permanent failure was logged by whoever declared it.
+            if dead {
+                tracing::debug!(
+                    topic = delivery.topic,
+                    id = delivery.id,
+                    "queue item dead-lettered: {error}"
+                );
+            } else {
+                tracing::warn!(
+                    topic = delivery.topic,
+                    id = delivery.id,
+                    attempts = flight.attempt,
+                    "queue item dead-lettered: {error}"
+                );
+            }
+            topic.dlq.push(DeadLetter {
+                topic: delivery.topic.clone(),
+                original_id: flight.item.original_id,
+                payload: flight.item.payload,
+                attempts: flight.attempt,
+                error: error.to_string(),
+            });
+            drop(topics);
+            counters::dead_lettered(&delivery.topic, 1);
+            self.shared.changed.notify_waiters();
+            return Ok(());
+        }
+        let item = flight.item;
+        let entry = topic.new_entry(
+            Some(item.original_id),
+            item.payload,
+            flight.attempt,
+            Some(error.to_string()),
+        );
+        match retry_after.filter(|d| !d.is_zero()) {
+            None => topic.ready.push_back(entry),
+            Some(delay) => {
+                topic
+                    .delayed
+                    .insert((Instant::now() + delay, entry.seq), entry);
+            }
+        }
+        drop(topics);
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+
     fn hand_out(
         &self,
         topic: &mut Topic,
@@ -309,6 +384,10 @@ impl WorkQueue for MemoryQueue {
         self.opts.visibility_timeout
     }
 
+    fn retry_delay(&self, attempt: u32) -> Duration {
+        self.opts.retry_delay(attempt)
+    }
+
     async fn ack(&self, delivery: &Delivery) -> QueueResult<()> {
         let mut topics = self.shared.topics.lock().await;
         let removed = topics
@@ -329,69 +408,11 @@ impl WorkQueue for MemoryQueue {
         error: &str,
         retry_after: Option<Duration>,
     ) -> QueueResult<()> {
-        let mut topics = self.shared.topics.lock().await;
-        let Some(topic) = topics.get_mut(&delivery.topic) else {
-            return Ok(());
-        };
-        // A delivery that was meanwhile handed to another consumer (or finished) is stale: the
-        // current holder decides what happens to the item.
-        match topic.in_flight.get(&delivery.id) {
-            Some(f) if f.attempt == delivery.attempt => {}
-            _ => {
-                tracing::debug!(
-                    topic = delivery.topic,
-                    id = delivery.id,
-                    "ignoring nack of a stale delivery"
-                );
-                return Ok(());
-            }
-        }
-        let flight = topic.in_flight.remove(&delivery.id).expect("checked above");
-        if flight.attempt >= self.opts.max_attempts {
-            tracing::warn!(
-                topic = delivery.topic,
-                id = delivery.id,
-                attempts = flight.attempt,
-                "queue item dead-lettered: {error}"
-            );
-            topic.dlq.push(DeadLetter {
-                topic: delivery.topic.clone(),
-                original_id: flight.item.original_id,
-                payload: flight.item.payload,
-                attempts: flight.attempt,
-                error: error.to_string(),
-            });
-            drop(topics);
-            counters::dead_lettered(&delivery.topic, 1);
-            self.shared.changed.notify_waiters();
-            return Ok(());
-        }
-        let item = flight.item;
-        match retry_after.filter(|d| !d.is_zero()) {
-            None => {
-                let entry = topic.new_entry(
-                    Some(item.original_id),
-                    item.payload,
-                    flight.attempt,
-                    Some(error.to_string()),
-                );
-                topic.ready.push_back(entry);
-            }
-            Some(delay) => {
-                let entry = topic.new_entry(
-                    Some(item.original_id),
-                    item.payload,
-                    flight.attempt,
-                    Some(error.to_string()),
-                );
-                topic
-                    .delayed
-                    .insert((Instant::now() + delay, entry.seq), entry);
-            }
-        }
-        drop(topics);
-        self.shared.changed.notify_waiters();
-        Ok(())
+        self.fail(delivery, error, retry_after, false).await
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, error: &str) -> QueueResult<()> {
+        self.fail(delivery, error, None, true).await
     }
 
     async fn dead_letters(&self, topic: &str) -> QueueResult<Vec<DeadLetter>> {

@@ -133,7 +133,8 @@ redis.call('XCLAIM', stream, group, consumer, 0, id, 'JUSTID')
 return 1
 "#;
 
-/// KEYS: stream, delayed, dlq. ARGV: group, id, attempt, error, delay ms, max attempts.
+/// KEYS: stream, delayed, dlq. ARGV: group, id, attempt, error, delay ms, max attempts
+/// (0 dead-letters the item whatever its attempt: a permanent failure).
 /// Returns 'dead' | 'retry' | 'delayed' | 'stale' (the delivery is no longer current).
 const NACK: &str = r#"
 local stream, delayed, dlq = KEYS[1], KEYS[2], KEYS[3]
@@ -233,6 +234,55 @@ impl RedisQueue {
 
     fn err(&self, op: &str, topic: &str, e: ::redis::RedisError) -> QueueError {
         QueueError::Backend(format!("{op} on topic `{topic}` at {}: {e}", self.url))
+    }
+
+    /// Runs [`NACK`]: `max_attempts` 0 dead-letters the item at once.
+    async fn fail(
+        &self,
+        delivery: &Delivery,
+        error: &str,
+        delay_ms: u64,
+        max_attempts: u32,
+    ) -> QueueResult<()> {
+        let topic = &delivery.topic;
+        validate_topic(topic)?;
+        let k = keys(topic);
+        let mut con = self.con.clone();
+        let outcome: String = self
+            .nack
+            .key(&k.stream)
+            .key(&k.delayed)
+            .key(&k.dlq)
+            .arg(&self.opts.group)
+            .arg(&delivery.id)
+            .arg(delivery.attempt)
+            .arg(error)
+            .arg(delay_ms)
+            .arg(max_attempts)
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.err("nack", topic, e))?;
+        match outcome.as_str() {
+            // A permanent failure was logged by whoever declared it.
+            "dead" if max_attempts == 0 => {
+                tracing::debug!(topic, id = delivery.id, "queue item dead-lettered: {error}");
+                counters::dead_lettered(topic, 1);
+            }
+            "dead" => {
+                tracing::warn!(
+                    topic,
+                    id = delivery.id,
+                    attempts = delivery.attempt,
+                    "queue item dead-lettered: {error}"
+                );
+                counters::dead_lettered(topic, 1);
+            }
+            "stale" => {
+                tracing::debug!(topic, id = delivery.id, "ignoring nack of a stale delivery")
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// One non-blocking look for an item.
@@ -366,6 +416,10 @@ impl WorkQueue for RedisQueue {
         self.opts.visibility_timeout
     }
 
+    fn retry_delay(&self, attempt: u32) -> Duration {
+        self.opts.retry_delay(attempt)
+    }
+
     async fn ack(&self, delivery: &Delivery) -> QueueResult<()> {
         let topic = &delivery.topic;
         validate_topic(topic)?;
@@ -390,41 +444,13 @@ impl WorkQueue for RedisQueue {
         error: &str,
         retry_after: Option<Duration>,
     ) -> QueueResult<()> {
-        let topic = &delivery.topic;
-        validate_topic(topic)?;
-        let k = keys(topic);
-        let mut con = self.con.clone();
         let delay_ms = retry_after.map_or(0, |d| d.as_millis().min(u64::MAX as u128) as u64);
-        let outcome: String = self
-            .nack
-            .key(&k.stream)
-            .key(&k.delayed)
-            .key(&k.dlq)
-            .arg(&self.opts.group)
-            .arg(&delivery.id)
-            .arg(delivery.attempt)
-            .arg(error)
-            .arg(delay_ms)
-            .arg(self.opts.max_attempts)
-            .invoke_async(&mut con)
+        self.fail(delivery, error, delay_ms, self.opts.max_attempts)
             .await
-            .map_err(|e| self.err("nack", topic, e))?;
-        match outcome.as_str() {
-            "dead" => {
-                tracing::warn!(
-                    topic,
-                    id = delivery.id,
-                    attempts = delivery.attempt,
-                    "queue item dead-lettered: {error}"
-                );
-                counters::dead_lettered(topic, 1);
-            }
-            "stale" => {
-                tracing::debug!(topic, id = delivery.id, "ignoring nack of a stale delivery")
-            }
-            _ => {}
-        }
-        Ok(())
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, error: &str) -> QueueResult<()> {
+        self.fail(delivery, error, 0, 0).await
     }
 
     async fn dead_letters(&self, topic: &str) -> QueueResult<Vec<DeadLetter>> {
