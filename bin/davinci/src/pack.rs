@@ -3,8 +3,9 @@
 use anyhow::Context;
 use davinci_runtime::blob::S3Config;
 use davinci_tokenize::Tokenizer;
+use davinci_tokenizer_packer::job;
 use davinci_tokenizer_packer::mixture::Mixture;
-use davinci_tokenizer_packer::packing::{LongDocs, PackConfig};
+use davinci_tokenizer_packer::packing::PackConfig;
 use davinci_tokenizer_packer::pipeline::{self, PackOptions};
 use davinci_tokenizer_packer::storage::{self, OutputDir};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -41,8 +42,9 @@ pub struct Args {
     /// Seed of the packing tie-break order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Documents longer than --seq-len: split or drop.
-    #[arg(long, default_value = "split", value_parser = ["split", "drop"])]
+    /// Documents longer than --seq-len: drop them (counted as `too_long`, as the recipe does)
+    /// or split them into --seq-len pieces.
+    #[arg(long, default_value = "drop", value_parser = ["drop", "split"])]
     pub long_docs: String,
     /// Documents sorted together by best-fit decreasing.
     #[arg(long, default_value_t = 8_192)]
@@ -89,11 +91,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             seq_len: args.seq_len,
             window: args.window.max(1),
             max_open_bins: args.max_open_bins.max(1),
-            long_docs: if args.long_docs == "drop" {
-                LongDocs::Drop
-            } else {
-                LongDocs::Split
-            },
+            long_docs: job::long_docs(&args.long_docs)?,
             seed: args.seed,
         },
         shard_bytes: args.shard_mib.max(1) << 20,
@@ -150,10 +148,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "{:<8} {:<11} {:>9} {:>13} {:>8} {:>8} {:>7} {:>8}",
         "stage", "dataset", "docs", "tokens", "bins", "padding", "shards", "upsample"
     );
-    let mut total_tokens = 0;
+    let (mut total_tokens, mut too_long, mut split) = (0, 0, 0);
     for st in &manifest.stages {
         for d in &st.datasets {
             total_tokens += d.tokens;
+            too_long += d.drops.get("too_long").copied().unwrap_or(0);
+            split += d.split_documents;
             println!(
                 "{:<8} {:<11} {:>9} {:>13} {:>8} {:>7.3}% {:>7} {:>8}",
                 st.name,
@@ -168,8 +168,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             for (why, n) in &d.drops {
                 println!("{:<8} {:<11}   dropped {why}: {n}", "", "");
             }
+            if d.split_documents > 0 {
+                println!(
+                    "{:<8} {:<11}   split (longer than seq_len): {}",
+                    "", "", d.split_documents
+                );
+            }
         }
     }
+    println!(
+        "documents longer than seq_len {}: {too_long} dropped (too_long), {split} split (--long-docs {})",
+        manifest.seq_len, args.long_docs
+    );
     for (why, n) in &manifest.drops {
         println!("records dropped ({why}): {n}");
     }

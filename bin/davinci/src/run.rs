@@ -231,13 +231,15 @@ pub fn print_summary(
         for s in st {
             for d in s["datasets"].as_array().into_iter().flatten() {
                 println!(
-                    "packed {}/{}: {} documents, {} tokens, {} bins, padding {:.4}",
+                    "packed {}/{}: {} documents, {} tokens, {} bins, padding {:.4}; longer than seq_len: {} dropped (too_long), {} split",
                     s["name"].as_str().unwrap_or("?"),
                     d["name"].as_str().unwrap_or("?"),
                     d["documents"],
                     d["tokens"],
                     d["bins"],
-                    d["padding_ratio"].as_f64().unwrap_or(0.0)
+                    d["padding_ratio"].as_f64().unwrap_or(0.0),
+                    d["drops"]["too_long"].as_u64().unwrap_or(0),
+                    d["split_documents"].as_u64().unwrap_or(0)
                 );
             }
         }

@@ -213,6 +213,8 @@ pub struct Llm {
 pub struct Packing {
     pub seq_len: u32,
     pub seed: u64,
+    /// Documents longer than `seq_len`: dropped (counted as `too_long`) or split.
+    pub long_docs: LongDocs,
 }
 
 impl Default for Packing {
@@ -220,6 +222,25 @@ impl Default for Packing {
         Self {
             seq_len: 32_768,
             seed: 0,
+            long_docs: LongDocs::Drop,
+        }
+    }
+}
+
+/// What the packer does with a document longer than `seq_len` (the recipe drops them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LongDocs {
+    #[default]
+    Drop,
+    Split,
+}
+
+impl LongDocs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LongDocs::Drop => "drop",
+            LongDocs::Split => "split",
         }
     }
 }
@@ -658,6 +679,7 @@ impl RunSpec {
                 .map(|m| serde_json::to_string(&mixture_json(m)).unwrap_or_default())
                 .unwrap_or_default(),
             seed: self.packing.seed,
+            long_docs: self.packing.long_docs.as_str().into(),
         }
     }
 }
@@ -729,6 +751,11 @@ mod tests {
         assert_eq!(r.inputs, vec![format!("file:///d/runs/{id}/prs/")]);
         let p = s.pack_spec("file:///d", &id);
         assert_eq!(p.seq_len, 4096);
+        assert_eq!(p.long_docs, "drop", "the recipe drops over-long documents");
+        let split =
+            RunSpec::parse(&OK.replace("seq_len: 4096", "seq_len: 4096\n  long_docs: split"))
+                .unwrap();
+        assert_eq!(split.pack_spec("file:///d", &id).long_docs, "split");
         let m: serde_json::Value = serde_json::from_str(&p.mixture_json).unwrap();
         assert_eq!(m["stages"][1]["datasets"][1]["upsample"], 3.0);
         assert!(s.train_spec("file:///d", &id).is_none());
@@ -840,6 +867,10 @@ mod tests {
         assert_eq!(
             path_of(&OK.replace("seq_len: 4096", "seq_len: 4096\n  window: 3")),
             "packing.window"
+        );
+        assert_eq!(
+            path_of(&OK.replace("seq_len: 4096", "seq_len: 4096\n  long_docs: truncate")),
+            "packing.long_docs"
         );
         assert_eq!(
             path_of(&OK.replace("ctx-general}", "ctx-klingon}")),

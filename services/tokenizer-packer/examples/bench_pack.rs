@@ -5,8 +5,9 @@
 use davinci_core::sample::{Sample, SampleSource};
 use davinci_tokenize::Tokenizer;
 use davinci_tokenize::chat::MaskMode;
+use davinci_tokenizer_packer::input::Input;
 use davinci_tokenizer_packer::mixture::{DatasetRef, Mixture, Stage};
-use davinci_tokenizer_packer::pipeline::{self, Input, PackOptions};
+use davinci_tokenizer_packer::pipeline::{self, PackOptions};
 use std::io::BufRead;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;

@@ -32,11 +32,13 @@ impl Packable for usize {
     }
 }
 
-/// What happens to a document longer than `seq_len`.
+/// What happens to a document longer than `seq_len`. The recipe drops them ("drop, never
+/// truncate"), so that is the default; splitting is there for corpora that want every token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LongDocs {
-    /// Cut into `seq_len` pieces (each full piece is a bin of its own; the rest is packed).
+    /// Cut into `seq_len` pieces (each full piece is a bin of its own; the rest is packed);
+    /// counted in `split_documents`.
     Split,
     /// Dropped and counted (`too_long`).
     Drop,
@@ -59,7 +61,7 @@ impl Default for PackConfig {
             seq_len: 32_768,
             window: 8_192,
             max_open_bins: 512,
-            long_docs: LongDocs::Split,
+            long_docs: LongDocs::Drop,
             seed: 0,
         }
     }
@@ -481,6 +483,14 @@ mod tests {
         (lower, (1.001 * lower as f64).floor() as usize + 1)
     }
 
+    /// Long documents split, as the bound tests below assume.
+    fn split() -> PackConfig {
+        PackConfig {
+            long_docs: LongDocs::Split,
+            ..Default::default()
+        }
+    }
+
     /// Bins hold at most `seq_len` tokens and their pieces are exactly the documents, except that
     /// ones longer than `seq_len` are in `seq_len` pieces plus a remainder.
     fn assert_nothing_cut(lens: &[usize], bins: &[Vec<usize>], seq_len: usize) {
@@ -530,7 +540,7 @@ mod tests {
                 .split_whitespace()
                 .map(|l| l.parse().expect("length"))
                 .collect();
-            let (bins, _) = pack(&lens, PackConfig::default());
+            let (bins, _) = pack(&lens, split());
             assert_nothing_cut(&lens, &bins, s);
             let (lower, bound) = bound(lens.iter().sum(), s);
             eprintln!("{name}: {} bins, ceil(T/S) {lower}", bins.len());
@@ -550,7 +560,7 @@ mod tests {
                 window: 64,
                 max_open_bins: 8,
                 seed,
-                ..Default::default()
+                ..split()
             };
             let (bins, st) = pack(&lens, cfg.clone());
             assert_nothing_cut(&lens, &bins, 4096);
@@ -566,7 +576,7 @@ mod tests {
             seq_len: 100,
             window: 7,
             max_open_bins: 3,
-            ..Default::default()
+            ..split()
         };
         let lens = [30, 70, 100, 250, 5, 95, 1, 50, 50, 0, 99];
         let (bins, st) = pack(&lens, cfg.clone());
@@ -586,7 +596,9 @@ mod tests {
             },
         );
         assert_eq!(dropped.dropped_too_long, 1);
+        assert_eq!(dropped.split_documents, 0);
         assert_eq!(dropped.tokens, (lens.iter().sum::<usize>() - 250) as u64);
+        assert_eq!(PackConfig::default().long_docs, LongDocs::Drop);
     }
 
     #[test]
@@ -609,7 +621,7 @@ mod tests {
         let s = 32_768;
         // Median 2,000 tokens, σ = 1.0 (mean ≈ 3,300): about ten documents per bin.
         let lens = lognormal(1_000_000, (2_000f64).ln(), 1.0, 42);
-        let (bins, st) = pack(&lens, PackConfig::default());
+        let (bins, st) = pack(&lens, split());
         let total: usize = lens.iter().sum();
         let (lower, bound) = bound(total, s);
         assert_nothing_cut(&lens, &bins, s);

@@ -1,6 +1,6 @@
 //! The MAP step of a pack job: one input shard → its records tokenized, in record order, as
-//! [`Event`]s. The REDUCE step ([`crate::pipeline::Reducer`]) packs the events of every input
-//! in input order. A job run in one process hands the events straight to it; a job shared by
+//! [`Event`]s. The REDUCE step (`pipeline::Reducer`, one layer up) packs the events of every
+//! input in input order. A job run in one process hands the events straight to it; a job shared by
 //! replicas stores each input's events as a *part* (zstd of the encoding below) in its work
 //! directory, and the coordinator reduces the parts. Both feed the reducer the same events,
 //! so both write the same bytes.
@@ -8,8 +8,8 @@
 //! Part encoding, inside zstd: the magic `DVPART1\n`, then events: `D` + reason (a drop), `R` +
 //! source (a record read), `T` + source + mode + `u32` n + n little-endian `u32` ids + the mask
 //! (`0` + n bytes, or `1` when every token has loss), and `E` at the end.
+use crate::input::{Input, Progress};
 use crate::mixture::Mixture;
-use crate::pipeline::{Input, Progress};
 use crate::shards::Doc;
 use anyhow::Context;
 use davinci_core::sample::{Sample, SampleSource};

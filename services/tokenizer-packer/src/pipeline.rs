@@ -1,6 +1,7 @@
 //! The pack job: read sample/trajectory JSONL shards, tokenize on all cores (the map step,
 //! [`crate::part`]), pack per (stage, dataset) and write Megatron shards (the reduce step,
 //! [`Reducer`]), and write `manifest.json` last (the commit point).
+use crate::input::{Input, Progress};
 use crate::mixture::Mixture;
 use crate::packing::{PackConfig, PackStats, Packer};
 use crate::part::{Event, MapSpec, Mapper};
@@ -12,7 +13,6 @@ use davinci_tokenize::Tokenizer;
 use davinci_tokenize::chat::MaskMode;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -46,47 +46,6 @@ impl Default for PackOptions {
             data_root: None,
         }
     }
-}
-
-/// One input shard: JSONL, zstd-compressed when the name ends in `.zst`.
-pub enum Input {
-    Path(PathBuf),
-    Bytes { name: String, data: Vec<u8> },
-}
-
-impl Input {
-    pub(crate) fn name(&self) -> String {
-        match self {
-            Input::Path(p) => p.display().to_string(),
-            Input::Bytes { name, .. } => name.clone(),
-        }
-    }
-
-    pub(crate) fn reader(&self) -> anyhow::Result<Box<dyn BufRead + '_>> {
-        let name = self.name();
-        let raw: Box<dyn Read + '_> = match self {
-            Input::Path(p) => {
-                Box::new(std::fs::File::open(p).with_context(|| format!("opening {name}"))?)
-            }
-            Input::Bytes { data, .. } => Box::new(&data[..]),
-        };
-        Ok(if name.ends_with(".zst") {
-            Box::new(BufReader::with_capacity(1 << 20, zstd::Decoder::new(raw)?))
-        } else {
-            Box::new(BufReader::with_capacity(1 << 20, raw))
-        })
-    }
-}
-
-/// Progress reported after every batch.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Progress {
-    pub input: String,
-    pub inputs_done: usize,
-    pub inputs_total: usize,
-    pub records: u64,
-    pub bytes: u64,
-    pub tokens: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

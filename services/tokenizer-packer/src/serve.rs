@@ -2,9 +2,10 @@
 //! unary `CountTokens`. A job runs in this process ([`crate::pipeline::run`] on a blocking
 //! thread), or, with a queue and a run id, is shared with every replica's [`worker`]
 //! ([`crate::shared`]); both write the same bytes.
+use crate::input::Progress;
+use crate::job::job_options;
 use crate::mixture::Mixture;
-use crate::packing::PackConfig;
-use crate::pipeline::{self, PackOptions};
+use crate::pipeline;
 use crate::shared::{self, TokenizerCache};
 use crate::storage::{self, OutputDir};
 use davinci_proto::v1::tokenizer_packer_server::TokenizerPacker;
@@ -23,10 +24,7 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-/// The topic sample shards of a shared pack job travel on.
-pub const SAMPLES_TOPIC: &str = "samples";
-/// The topic trajectory shards (`runs/{run}/trajectories/…`) of a shared pack job travel on.
-pub const TRAJECTORIES_TOPIC: &str = "trajectories";
+pub use crate::job::{SAMPLES_TOPIC, TRAJECTORIES_TOPIC};
 
 /// Limits on what one `CountTokens` call may ask for (requests are untrusted).
 pub const MAX_COUNT_TEXTS: usize = 10_000;
@@ -71,40 +69,13 @@ impl PackerService {
     }
 }
 
-/// The mixture and options of a job writing to `out`.
-pub(crate) fn job_options(
-    spec: &PackSpec,
-    out: &OutputDir,
-) -> anyhow::Result<(Mixture, PackOptions)> {
-    let mixture = if spec.mixture_json.trim().is_empty() {
-        Mixture::default()
-    } else {
-        Mixture::parse(&spec.mixture_json)?
-    };
-    let opts = PackOptions {
-        pack: PackConfig {
-            seq_len: if spec.seq_len == 0 {
-                32_768
-            } else {
-                spec.seq_len as usize
-            },
-            seed: spec.seed,
-            ..Default::default()
-        },
-        tokenizer_name: spec.tokenizer.clone(),
-        data_root: out.data_root(),
-        ..Default::default()
-    };
-    Ok((mixture, opts))
-}
-
 /// Runs one pack job described by `spec` in this process; returns the manifest URI.
 pub async fn run_spec(
     spec: PackSpec,
     s3: S3Config,
     tok: Arc<Tokenizer>,
     cancel: Arc<AtomicBool>,
-    mut progress: impl FnMut(&pipeline::Progress) + Send + 'static,
+    mut progress: impl FnMut(&Progress) + Send + 'static,
 ) -> anyhow::Result<Vec<String>> {
     let out = OutputDir::new(&spec.out)?;
     let (mixture, opts) = job_options(&spec, &out)?;
@@ -196,7 +167,7 @@ impl TokenizerPacker for PackerService {
                         flag.store(true, Ordering::Relaxed);
                     });
                     let h = handle.clone();
-                    let progress = move |p: &pipeline::Progress| {
+                    let progress = move |p: &Progress| {
                         let msg =
                             format!("{} records, {} tokens ({})", p.records, p.tokens, p.input);
                         rt.block_on(h.progress(p.inputs_done as u64, p.inputs_total as u64, &msg));

@@ -3,9 +3,10 @@
 //! `trajectories`). Workers on any replica tokenize a shard into a part there (the map step)
 //! and commit it. The coordinator then packs the parts in input order (the reduce step), one
 //! part in memory at a time, and so writes the bytes the job run in one process writes.
+use crate::input::{Input, Progress};
+use crate::job::{SAMPLES_TOPIC, TRAJECTORIES_TOPIC, job_options};
 use crate::part::{MapSpec, Mapper, PartReader, PartSummary, PartWriter};
-use crate::pipeline::{self, Input, Manifest, Progress, Reducer};
-use crate::serve::{SAMPLES_TOPIC, TRAJECTORIES_TOPIC, job_options};
+use crate::pipeline::{self, Manifest, Reducer};
 use crate::storage::{self, OutputDir};
 use anyhow::Context;
 use bytes::Bytes;
@@ -14,6 +15,7 @@ use davinci_runtime::blob::S3Config;
 use davinci_runtime::fanout::{self, Claimed, Item, WaitOptions, Work};
 use davinci_runtime::jobs::JobHandle;
 use davinci_runtime::queue::WorkQueue;
+use davinci_runtime::retry::PermanentExt;
 use davinci_tokenize::Tokenizer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -69,13 +71,15 @@ impl TokenizerCache {
                 Arc::new(tokio::task::spawn_blocking(move || Tokenizer::from_bytes(&bytes)).await??)
             }
         };
-        anyhow::ensure!(
-            tok.sha256() == spec.tokenizer_sha256,
-            "tokenizer {} is now sha256 {}, the job started with {}",
-            spec.tokenizer,
-            tok.sha256(),
-            spec.tokenizer_sha256
-        );
+        if tok.sha256() != spec.tokenizer_sha256 {
+            return Err(anyhow::anyhow!(
+                "tokenizer {} is now sha256 {}, the job started with {}",
+                spec.tokenizer,
+                tok.sha256(),
+                spec.tokenizer_sha256
+            ))
+            .permanent();
+        }
         if jobs.len() >= KEEP_JOBS {
             jobs.remove(0);
         }
@@ -90,7 +94,9 @@ impl TokenizerCache {
 }
 
 /// The map step of one claimed input: tokenizes it into its part in the work directory and
-/// returns the part's summary. Committing the part is the caller's last step.
+/// returns the part's summary. Committing the part is the caller's last step. The map step
+/// works on bytes in memory, so its failures (a shard that is not zstd, a read error inside
+/// it) are permanent: the same bytes fail the same way again.
 pub async fn tokenize_part(
     c: &Claimed,
     s3: &S3Config,
@@ -116,7 +122,8 @@ pub async fn tokenize_part(
         })?;
         w.finish()
     })
-    .await??;
+    .await?
+    .permanent()?;
     c.work
         .store
         .put(&part_key(&c.part), Bytes::from(part))

@@ -2,7 +2,7 @@
 //!
 //! Pack jobs run on a local directory; for a remote `--out` the shards are staged in a temporary
 //! directory and uploaded, `manifest.json` last (the commit point).
-use crate::pipeline::Input;
+use crate::input::Input;
 use anyhow::Context;
 use bytes::Bytes;
 use davinci_runtime::blob::{self, BlobStore, S3Config};

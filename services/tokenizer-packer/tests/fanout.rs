@@ -126,6 +126,7 @@ fn spec(root: &str) -> PackSpec {
         seq_len: 256,
         mixture_json: String::new(),
         seed: 7,
+        long_docs: String::new(),
     }
 }
 
@@ -419,8 +420,8 @@ async fn a_worker_dying_mid_part_changes_nothing() {
     );
 }
 
-/// An input that cannot be read fails every attempt, lands in `samples:dlq`, and the job fails
-/// naming it.
+/// An input that cannot be read fails permanently: it is tried once, lands in `samples:dlq`
+/// with its reason, and the job fails naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corrupt_shard_is_dead_lettered_and_fails_the_job_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -449,10 +450,11 @@ async fn a_corrupt_shard_is_dead_lettered_and_fails_the_job_by_name() {
     assert!(job.error.contains("samples:dlq"), "{}", job.error);
     let dlq = queue.dead_letters(SAMPLES_TOPIC).await.unwrap();
     assert_eq!(dlq.len(), 1, "{dlq:?}");
-    assert_eq!(dlq[0].attempts, 2);
+    assert_eq!(dlq[0].attempts, 1, "a malformed shard is not retried");
     let claim = queue::ClaimCheck::from_payload(&dlq[0].payload).unwrap();
     assert!(claim.uri.ends_with(&bad), "{}", claim.uri);
     assert!(dlq[0].error.contains("reading"), "{}", dlq[0].error);
+    assert!(dlq[0].error.contains("permanent"), "{}", dlq[0].error);
     assert!(
         store
             .list(&format!("runs/{RUN}/packed/"))

@@ -127,6 +127,7 @@ async fn hub_model_ids_load_from_the_hugging_face_cache() {
         seq_len: 64,
         mixture_json: String::new(),
         seed: 0,
+        long_docs: String::new(),
     };
     let stop = CancellationToken::new();
     let w = tokio::spawn(worker(

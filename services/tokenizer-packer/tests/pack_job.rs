@@ -4,9 +4,10 @@ use davinci_core::megatron::{DType, MegatronIndex};
 use davinci_core::sample::{Sample, SampleMetadata, SampleSource};
 use davinci_core::traj::{Message, Outcome, Trajectory};
 use davinci_tokenize::Tokenizer;
+use davinci_tokenizer_packer::input::Input;
 use davinci_tokenizer_packer::mixture::Mixture;
 use davinci_tokenizer_packer::packing::{LongDocs, PackConfig};
-use davinci_tokenizer_packer::pipeline::{self, Input, PackOptions};
+use davinci_tokenizer_packer::pipeline::{self, PackOptions};
 use std::sync::atomic::AtomicBool;
 
 const TOK: &str = concat!(

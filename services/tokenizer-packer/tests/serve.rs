@@ -77,6 +77,7 @@ async fn start_pack_runs_to_success_and_writes_a_manifest() {
                 seq_len: 128,
                 mixture_json: String::new(),
                 seed: 3,
+                long_docs: String::new(),
             }),
         }))
         .await
