@@ -33,12 +33,21 @@ pub fn read_text(path: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// Parses JSON text; the error names the field that is wrong (`at `[3].repo``).
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> anyhow::Result<T> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| match e.path().to_string().as_str() {
+        "." => anyhow::anyhow!("{}", e.inner()),
+        path => anyhow::anyhow!("at `{path}`: {}", e.inner()),
+    })
+}
+
 /// Records of a JSON array, a JSON object of records keyed by id, or JSON Lines.
 pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<Vec<T>> {
     let text = read_text(path)?;
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
-        return serde_json::from_str(trimmed)
+        return parse_json(trimmed)
             .with_context(|| format!("{}: not a JSON array of records", path.display()));
     }
     // A single JSON document that is an object of objects (SWE-bench accepts predictions so).
@@ -52,7 +61,8 @@ pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Resu
         return m
             .into_iter()
             .map(|(k, v)| {
-                serde_json::from_value(v)
+                serde_path_to_error::deserialize(v)
+                    .map_err(|e| anyhow::anyhow!("at `{}`: {}", e.path(), e.inner()))
                     .with_context(|| format!("{}: record `{k}`", path.display()))
             })
             .collect();
@@ -62,10 +72,7 @@ pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Resu
         if line.trim().is_empty() {
             continue;
         }
-        out.push(
-            serde_json::from_str(line)
-                .with_context(|| format!("{}: line {}", path.display(), i + 1))?,
-        );
+        out.push(parse_json(line).with_context(|| format!("{}: line {}", path.display(), i + 1))?);
     }
     Ok(out)
 }

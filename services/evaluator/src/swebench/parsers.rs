@@ -3,14 +3,15 @@
 //! `PASSED [100%]` line yields a test named `[100%]`, which some published PASS_TO_PASS lists
 //! contain), so grades match the official `report.json`.
 
-use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use regex::Regex;
 
 /// Test name → status (`PASSED`, `FAILED`, `SKIPPED`, `ERROR`, `XFAIL`, or for the matplotlib
-/// parser whatever word began the line, as upstream stores it).
-pub type StatusMap = HashMap<String, String>;
+/// parser whatever word began the line, as upstream stores it). In the order names first
+/// appear in the log, as upstream's `dict`: grading a truncated test id takes the first name
+/// it is a prefix of.
+pub type StatusMap = indexmap::IndexMap<String, String>;
 
 pub const PASSED: &str = "PASSED";
 pub const FAILED: &str = "FAILED";
@@ -92,7 +93,8 @@ static STATUS_FIRST: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(&format!(r"^({})\s+(\S+)", status_alternation())).unwrap());
 static TEST_FIRST: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(&format!(r"^(\S+)\s+({})(?:\s|$)", status_alternation())).unwrap());
-static SKIP_COUNT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\[\d+\]").unwrap());
+/// `SKIPPED [N] path:line: reason` summary lines, whose `[N]` is no test (only exactly `[N]`).
+static SKIP_COUNT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\[\d+\]$").unwrap());
 
 /// Python's `str.split()` with no argument.
 fn py_split(s: &str) -> Vec<&str> {
