@@ -1,6 +1,7 @@
-//! `davinci run` with a repository that does not exist, as a first run often has: the
-//! repository is tried once (a permanent failure is not retried), the run finishes and its
-//! summary names it, and the log, redirected as in `make run > log`, holds no escape codes.
+//! `davinci run` with a repository that cannot be read (a directory that is not a git
+//! repository; a path that does not exist is refused before the run starts): the
+//! repository is tried once (a permanent failure is not retried), the run fails naming it and
+//! why, and the log, redirected as in `make run > log`, holds no escape codes.
 use std::process::Command;
 
 #[test]
@@ -10,7 +11,8 @@ fn a_missing_repository_is_tried_once_and_redirected_logs_have_no_colour() {
         env!("CARGO_MANIFEST_DIR"),
         "/../../crates/tokenize/tests/fixtures/tiny-qwen-shape.json"
     );
-    let missing = data.path().join("no-such-repository");
+    let missing = data.path().join("not-a-repository");
+    std::fs::create_dir(&missing).unwrap();
     let spec = data.path().join("run.yaml");
     std::fs::write(
         &spec,
@@ -31,7 +33,10 @@ fn a_missing_repository_is_tried_once_and_redirected_logs_have_no_colour() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        !out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(
         !out.stderr.contains(&0x1b) && !out.stdout.contains(&0x1b),
         "escape codes in redirected output:\n{stderr:?}"
@@ -42,10 +47,10 @@ fn a_missing_repository_is_tried_once_and_redirected_logs_have_no_colour() {
         "tried once, warned once:\n{stderr}"
     );
     assert!(stderr.contains("WARN"), "{stderr}");
-    let failed = format!("repository {} failed", missing.display());
-    assert!(stdout.contains(&failed), "{stdout}");
+    assert!(stderr.contains("every repository failed"), "{stderr}");
+    assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
     assert!(
-        stdout.contains("permanent failure, not retried"),
-        "{stdout}"
+        stderr.contains("permanent failure, not retried"),
+        "{stderr}"
     );
 }

@@ -413,9 +413,11 @@ async fn fork_bomb_is_capped(t: &Target) {
     };
     // Forks without bound in the background (each child sleeps, so they pile up); the
     // foreground counts the processes of the sandbox after a while and exits.
-    // The counter only uses shell builtins once its sleep is over, so it needs no fork.
+    // The counter is forked before the bomb and then uses shell builtins only (it waits with
+    // `read -t` on a FIFO that never gets data), so a full process table cannot stall it.
     let script = format!(
-        "( sleep 3; c=0; for p in /proc/[0-9]*; do c=$((c+1)); done; echo procs=$c ) & \
+        "mkfifo .bomb-clock; ( exec 3<>.bomb-clock; read -t 3 -u 3; c=0; \
+         for p in /proc/[0-9]*; do c=$((c+1)); done; echo procs=$c ) & \
          counter=$!; bomb() {{ while :; do sleep {} & done; }}; bomb 2>/dev/null & \
          wait $counter",
         t.n(31)
