@@ -10,14 +10,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DAVINCI_MOTO_SERVER ?= $(CURDIR)/$(VENV)/bin/moto_server
 REPO ?=
 
-.PHONY: help deps test-deps sandbox-image build test lint fmt bench run clean-data
+.PHONY: help deps test-deps sandbox-image build test lint fmt bench run clean-data chart-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-deps: ## Debian packages the project runs with (git, redis-server, bubblewrap, python3 venv)
+deps: ## Debian packages the project runs with (git, redis-server, bubblewrap, python3 venv, prometheus for the observability test)
 	@missing=""; \
-	for p in git patch redis-server:redis-server bwrap:bubblewrap python3:python3 setpriv:util-linux ; do \
+	for p in git patch redis-server:redis-server bwrap:bubblewrap python3:python3 setpriv:util-linux promtool:prometheus ; do \
 	  bin=$${p%%:*}; pkg=$${p##*:}; command -v $$bin >/dev/null || missing="$$missing $$pkg"; \
 	done; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv python3-pip"; \
@@ -35,6 +35,12 @@ $(VENV)/bin/moto_server:
 $(VENV)/bin/kubernetes-validate: $(VENV)/bin/moto_server
 	$(VENV)/bin/pip install -q 'kubernetes-validate>=1.33,<1.38'
 
+# Helm's own engine for the chart checks (scripts/check_chart.py). helm-sdkpy declares Python
+# 3.12 but runs on Debian's 3.11 (it is Go behind cffi), hence --ignore-requires-python.
+$(VENV)/bin/.helm-sdkpy: $(VENV)/bin/kubernetes-validate
+	$(VENV)/bin/pip install -q --ignore-requires-python 'helm-sdkpy==0.1.32' 'cffi>=1.15' 'PyYAML>=6'
+	touch $@
+
 sandbox-image: ## build the container sandbox's base image from host packages (cached by tag)
 	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then \
 	  scripts/build_sandbox_image.sh; \
@@ -44,7 +50,10 @@ sandbox-image: ## build the container sandbox's base image from host packages (c
 	  echo "SKIP sandbox image: no Docker Engine reachable (the Docker sandbox tests will skip)"; \
 	fi
 
-test-deps: deps $(VENV)/bin/moto_server $(VENV)/bin/kubernetes-validate sandbox-image ## install redis-server, bubblewrap, moto, kubernetes-validate; build the sandbox image
+test-deps: deps $(VENV)/bin/moto_server $(VENV)/bin/kubernetes-validate $(VENV)/bin/.helm-sdkpy sandbox-image ## install redis-server, bubblewrap, prometheus, moto, kubernetes-validate, helm-sdkpy; build the sandbox image
+
+chart-check: $(VENV)/bin/.helm-sdkpy ## lint and render the Helm chart with Helm's engine, validate every object
+	$(VENV)/bin/python scripts/check_chart.py
 
 build: ## build the davinci binary (release)
 	$(CARGO) build --release -p davinci-cli
@@ -53,6 +62,7 @@ test: test-deps ## run the whole test suite against real Redis and S3 servers
 	$(CARGO) test --workspace --no-fail-fast
 	python3 scripts/check_megatron.py   # reads our shards with Megatron's reader; skips without megatron-core
 	scripts/check_ctx_fixture.sh       # every ctx sample of a fixture crawl rebuilt from its text alone, checked against git
+	$(VENV)/bin/python scripts/check_chart.py   # the Helm chart rendered by Helm itself, every object validated
 
 lint: ## rustfmt + clippy, warnings are errors
 	$(CARGO) fmt --all -- --check
