@@ -67,7 +67,7 @@ pub fn job(args: &Args) -> anyhow::Result<Job> {
         }
         None => TrainConfig::default(),
     };
-    let manifest = davinci_trainer::data::Manifest::read(&args.data)?;
+    let manifest = davinci_trainer::data::read_manifest(&args.data)?;
     let config = config.resolve(
         &manifest,
         &Overrides {

@@ -9,6 +9,7 @@ pub mod ctx_text;
 pub mod diff;
 pub mod hash;
 pub mod megatron;
+pub mod packed;
 pub mod pr;
 pub mod sample;
 pub mod search_replace;

@@ -15,15 +15,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 pub const QWEN25_DEFAULT_SYSTEM: &str =
     "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
 
-/// Which tokens carry loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MaskMode {
-    /// Mid-training: every token.
-    All,
-    /// SFT: the assistant's turns only (content, tool calls and the closing `<|im_end|>`).
-    AssistantOnly,
-}
+pub use davinci_core::packed::MaskMode;
 
 /// Rendered text as pieces that are or are not assistant output.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -32,17 +32,7 @@ impl Packable for usize {
     }
 }
 
-/// What happens to a document longer than `seq_len`. The recipe drops them ("drop, never
-/// truncate"), so that is the default; splitting is there for corpora that want every token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LongDocs {
-    /// Cut into `seq_len` pieces (each full piece is a bin of its own; the rest is packed);
-    /// counted in `split_documents`.
-    Split,
-    /// Dropped and counted (`too_long`).
-    Drop,
-}
+pub use davinci_core::packed::LongDocs;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PackConfig {

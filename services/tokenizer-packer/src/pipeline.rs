@@ -5,18 +5,17 @@ use crate::input::{Input, Progress};
 use crate::mixture::Mixture;
 use crate::packing::{PackConfig, PackStats, Packer};
 use crate::part::{Event, MapSpec, Mapper};
-use crate::shards::{Doc, ShardInfo, ShardWriter};
+use crate::shards::{Doc, ShardWriter};
 use anyhow::Context;
 use davinci_core::megatron::DType;
 use davinci_core::sample::SampleSource;
 use davinci_tokenize::Tokenizer;
 use davinci_tokenize::chat::MaskMode;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-pub const MANIFEST_SCHEMA: &str = "davinci.packed/v1";
+pub use davinci_core::packed::MANIFEST_SCHEMA;
 
 /// Knobs of a pack job besides the mixture.
 #[derive(Debug, Clone)]
@@ -48,62 +47,7 @@ impl Default for PackOptions {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TokenizerInfo {
-    pub name: String,
-    pub sha256: String,
-    pub vocab_size: u32,
-    pub eod_token: String,
-    pub eod_id: u32,
-    pub engine: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DatasetEntry {
-    pub name: String,
-    /// `{stage}/{dataset}`; shards are `{prefix}-{k:05}` (+ `.mask`).
-    pub prefix: String,
-    pub mask: MaskMode,
-    pub upsample: f64,
-    pub weight: Option<f64>,
-    pub documents: u64,
-    /// Tokens written (EOD included).
-    pub tokens: u64,
-    pub bins: u64,
-    pub padding_ratio: f64,
-    pub split_documents: u64,
-    /// Tokens with loss (mask 1).
-    pub loss_tokens: u64,
-    pub drops: BTreeMap<String, u64>,
-    pub shards: Vec<ShardInfo>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StageEntry {
-    pub name: String,
-    pub mask: MaskMode,
-    pub datasets: Vec<DatasetEntry>,
-    pub tokens: u64,
-    /// Σ upsample × tokens: tokens the stage sees per pass over the blend.
-    pub effective_tokens: f64,
-    /// Megatron `--data-path` value: `weight prefix` pairs over every shard.
-    pub blend: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Manifest {
-    pub schema: String,
-    pub tokenizer: TokenizerInfo,
-    pub seq_len: usize,
-    pub seed: u64,
-    pub dtype: DType,
-    pub long_docs: crate::packing::LongDocs,
-    pub stages: Vec<StageEntry>,
-    /// Records read per source.
-    pub records: BTreeMap<String, u64>,
-    /// Records dropped before packing, by reason.
-    pub drops: BTreeMap<String, u64>,
-}
+pub use davinci_core::packed::{DatasetEntry, Manifest, StageEntry, TokenizerInfo};
 
 struct Slot {
     stage: usize,

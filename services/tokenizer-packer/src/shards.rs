@@ -2,7 +2,6 @@
 //! local directory.
 use crate::packing::Packable;
 use davinci_core::megatron::{DType, MegatronWriter};
-use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{self, BufWriter};
 use std::path::{Path, PathBuf};
@@ -25,18 +24,7 @@ impl Packable for Doc {
     }
 }
 
-/// What one shard holds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ShardInfo {
-    /// Megatron prefix relative to the output root (`{stage}/{dataset}-{k:05}`).
-    pub prefix: String,
-    /// Megatron sequences (= source documents or pieces of split ones).
-    pub sequences: u64,
-    /// Megatron documents (= packed bins).
-    pub bins: u64,
-    pub tokens: u64,
-    pub bin_bytes: u64,
-}
+pub use davinci_core::packed::ShardInfo;
 
 type W = MegatronWriter<BufWriter<File>>;
 

@@ -76,7 +76,7 @@ pub fn default_stages(m: &crate::data::Manifest) -> Vec<StageConfig> {
     m.stages
         .iter()
         .map(|s| {
-            if s.mask == "assistant-only" {
+            if s.mask == crate::data::MaskMode::AssistantOnly {
                 StageConfig::sft(&s.name)
             } else {
                 StageConfig::mid_training(&s.name)

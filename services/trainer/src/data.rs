@@ -6,75 +6,26 @@
 //! attention across them). Everything is checked when the data is opened, before any training:
 //! missing or truncated files, masks that do not line up with their shards, counts that differ
 //! from the manifest, token ids outside the model's vocabulary.
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use davinci_core::megatron::{DType, MegatronIndex};
 use davinci_model::Row;
 use davinci_model::rng::SplitMix64;
-use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
-pub const MANIFEST_SCHEMA: &str = "davinci.packed/v1";
+pub use davinci_core::packed::{
+    DatasetEntry, MANIFEST_SCHEMA, Manifest, MaskMode, ShardInfo, StageEntry, TokenizerInfo,
+};
 
-/// The parts of the packer's manifest the trainer reads (the packer owns the full format).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Manifest {
-    pub schema: String,
-    pub tokenizer: TokenizerInfo,
-    pub seq_len: usize,
-    pub stages: Vec<StageEntry>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct TokenizerInfo {
-    pub name: String,
-    pub sha256: String,
-    pub vocab_size: u32,
-    pub eod_id: u32,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct StageEntry {
-    pub name: String,
-    /// `all` (mid-training) or `assistant-only` (SFT).
-    pub mask: String,
-    pub datasets: Vec<DatasetEntry>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct DatasetEntry {
-    pub name: String,
-    pub upsample: f64,
-    pub weight: Option<f64>,
-    pub bins: u64,
-    pub shards: Vec<ShardInfo>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ShardInfo {
-    pub prefix: String,
-    pub sequences: u64,
-    pub bins: u64,
-    pub tokens: u64,
-}
-
-impl Manifest {
-    pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!(
-                "reading the manifest {} (the packer writes it last; is the pack finished?)",
-                path.display()
-            )
-        })?;
-        let m: Manifest = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a packed-shards manifest", path.display()))?;
-        ensure!(
-            m.schema == MANIFEST_SCHEMA,
-            "{}: schema `{}`, expected `{MANIFEST_SCHEMA}`",
-            path.display(),
-            m.schema
-        );
-        Ok(m)
-    }
+/// Reads and checks `manifest.json` (the packer writes it last: its absence means the pack
+/// did not finish).
+pub fn read_manifest(path: &Path) -> anyhow::Result<Manifest> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "reading the manifest {} (the packer writes it last; is the pack finished?)",
+            path.display()
+        )
+    })?;
+    Manifest::from_json(&bytes).with_context(|| format!("{}", path.display()))
 }
 
 /// One shard's ids and mask, read and checked against each other and the manifest.
@@ -196,11 +147,7 @@ pub struct StageData {
 
 impl StageData {
     pub fn open(root: &Path, stage: &StageEntry, vocab: usize, seed: u64) -> anyhow::Result<Self> {
-        let assistant_only = match stage.mask.as_str() {
-            "all" => false,
-            "assistant-only" => true,
-            m => bail!("stage {}: unknown mask mode `{m}`", stage.name),
-        };
+        let assistant_only = stage.mask == MaskMode::AssistantOnly;
         let mut datasets = Vec::new();
         for d in &stage.datasets {
             let shards = d

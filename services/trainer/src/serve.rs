@@ -3,7 +3,7 @@
 //! Get/Watch/Cancel answer from it. Engine `jobset` (the cluster engine) is refused until it
 //! exists.
 use crate::config::{Overrides, TrainConfig};
-use crate::data::Manifest;
+use crate::data::read_manifest;
 use crate::train::{self, Job as TrainJob, ModelSource};
 use anyhow::Context;
 use davinci_proto::v1::trainer_server::{Trainer, TrainerServer};
@@ -46,7 +46,7 @@ fn local(uri: &str, what: &str) -> anyhow::Result<PathBuf> {
 pub fn job_from_spec(spec: &TrainSpec) -> anyhow::Result<TrainJob> {
     let manifest_path = local(&spec.data, "spec.data")?;
     let out = local(&spec.out, "spec.out")?;
-    let manifest = Manifest::read(&manifest_path)?;
+    let manifest = read_manifest(&manifest_path)?;
     let base: TrainConfig = if spec.config_json.trim().is_empty() {
         TrainConfig::default()
     } else {

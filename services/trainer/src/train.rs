@@ -136,7 +136,7 @@ fn stage_configs(config: &TrainConfig, manifest: &Manifest) -> anyhow::Result<Ve
 /// Reads and checks everything before training starts.
 fn prepare(job: &Job, model_cfg: &Qwen2Config) -> anyhow::Result<Prepared> {
     job.config.validate()?;
-    let manifest = Manifest::read(&job.manifest)?;
+    let manifest = data::read_manifest(&job.manifest)?;
     ensure!(
         (manifest.tokenizer.vocab_size as usize) <= model_cfg.vocab_size,
         "the data's tokenizer {} has {} ids, more than the model's vocab_size {}",

@@ -5,7 +5,7 @@
 use davinci_core::megatron::{DType, MegatronWriter};
 use davinci_model::{Device, Precision};
 use davinci_trainer::config::{Overrides, StageConfig, TrainConfig};
-use davinci_trainer::data::{Manifest, StageData};
+use davinci_trainer::data::{Manifest, StageData, read_manifest};
 use davinci_trainer::train::{self, Job, ModelSource, StepReport};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +26,7 @@ fn job(out: &Path, model_json: &str, data: &Path, config: TrainConfig) -> Job {
     std::fs::write(&cfg, model_json).unwrap();
     let manifest = data.join("manifest.json");
     let config = config
-        .resolve(&Manifest::read(&manifest).unwrap(), &Overrides::default())
+        .resolve(&read_manifest(&manifest).unwrap(), &Overrides::default())
         .unwrap();
     Job {
         manifest,
@@ -147,7 +147,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn first_bin(data: &Path) -> PathBuf {
-    let m = Manifest::read(&data.join("manifest.json")).unwrap();
+    let m = read_manifest(&data.join("manifest.json")).unwrap();
     data.join(format!("{}.bin", m.stages[0].datasets[0].shards[0].prefix))
 }
 
@@ -226,7 +226,7 @@ fn refuses_bad_inputs_before_training() {
     c.stages[0].name = "stage9".into();
     let e = c
         .resolve(
-            &Manifest::read(&fixture().join("manifest.json")).unwrap(),
+            &read_manifest(&fixture().join("manifest.json")).unwrap(),
             &Overrides::default(),
         )
         .and_then(|c| {
@@ -272,15 +272,22 @@ fn masks_and_upsampling_come_from_the_shards_and_manifest() {
         .unwrap();
         std::fs::write(root.join(format!("{prefix}.mask.idx")), mx).unwrap();
         shards.push(serde_json::json!({
-            "name": name, "upsample": if name == "env-pass" { 2.5 } else { 1.0 }, "weight": null,
-            "bins": bins, "shards": [{"prefix": prefix, "sequences": bins * 2, "bins": bins, "tokens": bins * 8}]
+            "name": name, "prefix": format!("sft/{name}"), "mask": "assistant-only",
+            "upsample": if name == "env-pass" { 2.5 } else { 1.0 }, "weight": null,
+            "documents": bins * 2, "tokens": bins * 8, "bins": bins, "padding_ratio": 0.0,
+            "split_documents": 0, "loss_tokens": bins * 4, "drops": {},
+            "shards": [{"prefix": prefix, "sequences": bins * 2, "bins": bins,
+                        "tokens": bins * 8, "bin_bytes": bins * 8 * 2}]
         }));
     }
     let manifest: Manifest = serde_json::from_value(serde_json::json!({
         "schema": "davinci.packed/v1",
-        "tokenizer": {"name": "t", "sha256": "x", "vocab_size": 100, "eod_id": 7},
-        "seq_len": 8,
-        "stages": [{"name": "sft", "mask": "assistant-only", "datasets": shards}]
+        "tokenizer": {"name": "t", "sha256": "x", "vocab_size": 100, "eod_token": "<e>",
+                      "eod_id": 7, "engine": "hf-tokenizers"},
+        "seq_len": 8, "seed": 0, "dtype": "u16", "long_docs": "drop",
+        "stages": [{"name": "sft", "mask": "assistant-only", "datasets": shards, "tokens": 0,
+                    "effective_tokens": 0.0, "blend": ""}],
+        "records": {}, "drops": {}
     }))
     .unwrap();
     let stage = StageData::open(root, &manifest.stages[0], 100, 3).unwrap();
