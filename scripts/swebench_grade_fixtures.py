@@ -4,13 +4,13 @@
 Usage:
     python3 -m venv /tmp/swebench && /tmp/swebench/bin/pip install --no-deps swebench==5.0.2
     /tmp/swebench/bin/python scripts/swebench_grade_fixtures.py \
-        services/evaluator/tests/fixtures/swebench/pytest-dev__pytest-7521
+        crates/swebench/tests/fixtures/swebench/pytest-dev__pytest-7521
 
 Each fixture directory holds `instance.json` (FAIL_TO_PASS, PASS_TO_PASS, repo, optional
 `env.log_parser`) and `test_output.txt` (a harness log with its Start/End Test Output markers).
 The report is `swebench.harness.grading.get_eval_report` for that log, with a model patch
 present, minus its advisory `infra_failure` keys (davinci reports infrastructure failures in a
-status of its own). `services/evaluator/tests/swebench_fixtures.rs` checks that davinci's
+status of its own). `crates/swebench/tests/swebench_fixtures.rs` checks that davinci's
 grader reproduces it.
 
 Only the grading modules are imported: the `swebench.harness` package's `__init__` pulls in

@@ -9,7 +9,9 @@
 pub mod humaneval;
 pub mod scoring;
 pub mod serve;
-pub mod swebench;
+
+/// SWE-bench lives in its own crate so the task builder and the rollout grader share it.
+pub use davinci_swebench as swebench;
 
 /// The sandbox crate, re-exported so callers (the CLI) configure it without a direct dependency.
 pub use davinci_sandbox as sandbox;

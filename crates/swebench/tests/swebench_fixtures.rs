@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use davinci_core::task::TaskInstance;
-use davinci_evaluator::swebench::{grade_log, report_json};
+use davinci_swebench::{grade_log, report_json};
 
 #[test]
 fn fixtures_grade_as_expected() {

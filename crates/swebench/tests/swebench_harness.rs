@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use davinci_core::task::{TaskEnv, TaskInstance};
-use davinci_evaluator::swebench::{Harness, HarnessConfig, Prediction, Status};
 use davinci_sandbox::{BwrapSandbox, DockerConfig, LocalConfig, PullPolicy, testing};
+use davinci_swebench::{Harness, HarnessConfig, Prediction, Status};
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")

@@ -28,12 +28,12 @@ use davinci_sandbox::{Limits, RunSpec, Sandbox, StopReason, Workspace, Workspace
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::data::Prediction;
-use super::grading::{
+use crate::data::Prediction;
+use crate::grading::{
     APPLY_PATCH_FAIL, APPLY_PATCH_PASS, END_TEST_OUTPUT, InstanceReport, START_TEST_OUTPUT,
     TESTS_TIMEOUT, grade_log, report_json,
 };
-use super::specs::test_command;
+use crate::specs::test_command;
 
 /// What happened to one instance. Infrastructure failures are separate from model failures
 /// and never count as unresolved.
@@ -412,7 +412,7 @@ impl Harness {
         if is_clone {
             setup.push_str(&format!(
                 "git -c advice.detachedHead=false checkout -q -f {} && git clean -fdq -e .davinci-eval\n",
-                super::specs::shell_quote(&inst.base_commit)
+                crate::specs::shell_quote(&inst.base_commit)
             ));
         }
         if let Some(s) = &inst.env.setup_script {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use davinci_core::task::TaskInstance;
-use davinci_evaluator::swebench::{grade_log, load_instances, report_json};
+use davinci_swebench::{grade_log, load_instances, report_json};
 
 fn shared() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");

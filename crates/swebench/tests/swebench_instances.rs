@@ -7,7 +7,7 @@
 //! have them. The Lite file itself, under ../shared/data, is read when it is there.
 use std::path::{Path, PathBuf};
 
-use davinci_evaluator::swebench::load_instances;
+use davinci_swebench::load_instances;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/swebench-instances/nulls.jsonl")

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::parsers::{FAILED, PASSED, Parser, SKIPPED, StatusMap, XFAIL, parser_for_repo};
+use crate::parsers::{FAILED, PASSED, Parser, SKIPPED, StatusMap, XFAIL, parser_for_repo};
 use davinci_core::task::TaskInstance;
 
 pub const APPLY_PATCH_FAIL: &str = ">>>>> Patch Apply Failed";
@@ -82,7 +82,7 @@ fn maintained(case: &str, sm: &StatusMap) -> bool {
 fn failed(case: &str, sm: &StatusMap) -> bool {
     match status(case, sm) {
         None => true,
-        Some(s) => s == FAILED || s == super::parsers::ERROR || s == SKIPPED,
+        Some(s) => s == FAILED || s == crate::parsers::ERROR || s == SKIPPED,
     }
 }
 

@@ -1,4 +1,6 @@
-//! SWE-bench: loading instances and predictions, grading logs, running the harness.
+//! SWE-bench, shared by the evaluator, the task builder and the rollout grader: loading instances
+//! and predictions, log parsers, grading (the official `report.json`), and a harness that applies
+//! patches and runs test commands in the sandbox.
 
 pub mod data;
 pub mod grading;
