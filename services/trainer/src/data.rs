@@ -126,6 +126,26 @@ impl Shard {
     }
 }
 
+/// Rows of one epoch per dataset of `stage`: `upsample × bins`, or, when the stage gives
+/// explicit weights, each dataset's share of the stage's bins (both engines count steps so).
+pub fn epoch_rows(stage: &StageEntry) -> Vec<u64> {
+    let total: u64 = stage.datasets.iter().map(|d| d.bins).sum();
+    let wsum: f64 = stage.datasets.iter().filter_map(|d| d.weight).sum();
+    stage
+        .datasets
+        .iter()
+        .map(|d| {
+            if d.bins == 0 {
+                0
+            } else if wsum > 0.0 {
+                (d.weight.unwrap_or(0.0) / wsum * total as f64).round() as u64
+            } else {
+                (d.upsample * d.bins as f64).round().max(1.0) as u64
+            }
+        })
+        .collect()
+}
+
 /// Where a row comes from: (dataset, shard within it, bin within the shard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowRef {
@@ -158,23 +178,7 @@ impl StageData {
                 .with_context(|| format!("stage {} dataset {}", stage.name, d.name))?;
             datasets.push((d.name.clone(), shards));
         }
-        // Rows per epoch: `upsample × bins`, or, when the stage gives explicit weights, each
-        // dataset's share of the stage's bins.
-        let total: u64 = stage.datasets.iter().map(|d| d.bins).sum();
-        let wsum: f64 = stage.datasets.iter().filter_map(|d| d.weight).sum();
-        let counts = stage
-            .datasets
-            .iter()
-            .map(|d| {
-                if d.bins == 0 {
-                    0
-                } else if wsum > 0.0 {
-                    (d.weight.unwrap_or(0.0) / wsum * total as f64).round() as u64
-                } else {
-                    (d.upsample * d.bins as f64).round().max(1.0) as u64
-                }
-            })
-            .collect();
+        let counts = epoch_rows(stage);
         Ok(Self {
             name: stage.name.clone(),
             assistant_only,

@@ -1,7 +1,8 @@
 //! The davinci trainer service. The candle engine trains a Qwen2 model in this process on the
-//! packer's shards ([`train::train`]); [`serve`] runs it as `StartTrain` jobs. The cluster engine
-//! (JobSet + Megatron-LM) shares this service and is a separate piece of work.
+//! packer's shards ([`train::train`]); the cluster engine ([`jobset`]) runs Megatron-LM on
+//! Kubernetes GPU nodes as JobSets or TrainJobs; [`serve`] runs both as `StartTrain` jobs.
 pub mod config;
 pub mod data;
+pub mod jobset;
 pub mod serve;
 pub mod train;
