@@ -1,5 +1,7 @@
 //! `davinci train`: train a Qwen2 model in this process on packed shards (the candle engine),
 //! with a progress bar, per-step JSON log and checkpoints; rerun the same command to resume.
+//! `--engine jobset` renders the Megatron-LM JobSets / TrainJobs instead (`--render` prints
+//! them, as `helm template` does) or submits and follows them on the current cluster.
 use anyhow::Context;
 use davinci_trainer::config::{Overrides, TrainConfig};
 use davinci_trainer::train::{self, Job, ModelSource};
@@ -15,7 +17,14 @@ weights: mid-training stages (mask `all`) at peak lr 8e-5 with 5% warmup for one
 stages (mask `assistant-only`) at 1e-5 with 10% warmup for five epochs, both with cosine decay \
 to 10% unless --config says otherwise. Output: OUT/checkpoints/{step}/ (config.json, \
 model.safetensors, optimizer.safetensors, state.json; Hugging Face layout) and \
-OUT/train_log.jsonl. Running the same command again resumes from the newest checkpoint."
+OUT/train_log.jsonl. Running the same command again resumes from the newest checkpoint.
+
+--engine jobset: --model is a Hugging Face model directory (s3:// or a path the pods mount),
+--cluster a YAML file with the cluster settings (kind jobset|trainjob, namespace, image,
+parallel {nodes, gpus_per_node, tp, pp}, checkpoint_claim, data_root, node_selector,
+tolerations, priority_class, service_account, s3_secret, s3_endpoint, rdma, host_network,
+shm_size, max_restarts, ttl_seconds_after_finished, runtime, extra_args); checkpoints land in
+OUT/checkpoints/{step}/ after every stage."
 )]
 pub struct Args {
     /// The packer's manifest.json (its shards lie next to it).
@@ -53,6 +62,109 @@ pub struct Args {
     /// Serve Prometheus /metrics on this address while training (e.g. 127.0.0.1:9464).
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `candle` (this process) or `jobset` (Megatron-LM on Kubernetes).
+    #[arg(long, default_value = "candle", value_parser = ["candle", "jobset"])]
+    pub engine: String,
+    /// Cluster settings of the jobset engine (YAML or JSON).
+    #[arg(long)]
+    pub cluster: Option<PathBuf>,
+    /// With --engine jobset: print the objects it would submit and submit nothing.
+    #[arg(long)]
+    pub render: bool,
+    /// Run id the jobset engine names and labels its objects with.
+    #[arg(long, default_value = "local")]
+    pub run_id: String,
+}
+
+fn read_yaml<T: serde::de::DeserializeOwned>(p: &std::path::Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    let de = serde_norway::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de)
+        .map_err(|e| anyhow::anyhow!("{} at `{}`: {}", p.display(), e.path(), e.inner()))
+}
+
+/// `--engine jobset`: the plan of the flags; printed with --render, else submitted and followed.
+async fn run_jobset(args: &Args) -> anyhow::Result<()> {
+    use davinci_trainer::jobset::{self, follow, render};
+    anyhow::ensure!(
+        !(args.render && args.metrics_addr.is_some()),
+        "--render prints objects; --metrics-addr is for a followed run"
+    );
+    let mut config = match &args.config {
+        Some(p) => read_yaml::<serde_json::Value>(p)?,
+        None => serde_json::json!({}),
+    };
+    let cluster: serde_json::Value = match &args.cluster {
+        Some(p) => read_yaml(p)?,
+        None => serde_json::json!({}),
+    };
+    for (k, v) in [
+        ("micro_batch", args.micro_batch.map(|v| v as u64)),
+        ("seed", args.seed),
+        ("checkpoint_every", args.checkpoint_every),
+    ] {
+        if let Some(v) = v {
+            config[k] = v.into();
+        }
+    }
+    config["cluster"] = cluster;
+    let spec = davinci_proto::v1::TrainSpec {
+        data: args.data.display().to_string(),
+        out: args.out.clone(),
+        model: args.model.display().to_string(),
+        engine: "jobset".into(),
+        steps: args.steps.unwrap_or(0),
+        learning_rate: args.lr.unwrap_or(0.0),
+        global_batch: args.global_batch.unwrap_or(0) as u32,
+        config_json: config.to_string(),
+        ..Default::default()
+    };
+    let job_id = uuid::Uuid::new_v4().simple().to_string();
+    let plan = jobset::plan_from_spec(&spec, &args.run_id, &job_id, &Default::default()).await?;
+    if args.render {
+        print!("{}", render::to_yaml(&render::objects(&plan)?)?);
+        return Ok(());
+    }
+    if let Some(addr) = args.metrics_addr {
+        davinci_runtime::telemetry::install_metrics(addr)?;
+    }
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes cluster: neither in-cluster nor a kubeconfig")?;
+    let bar = ProgressBar::new(plan.total_iters());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] iteration {pos}/{len} {wide_msg} (eta {eta})",
+        )
+        .expect("valid template"),
+    );
+    let b = bar.clone();
+    let names: Vec<String> = plan.stages.iter().map(|s| s.name.clone()).collect();
+    let checkpoints = follow::run(&client, &plan, &mut |e| match e {
+        follow::Event::Iteration { stage, step, it } => {
+            b.set_position(step);
+            b.set_message(format!(
+                "{} loss {} lr {}",
+                names[stage],
+                it.loss.map_or("-".into(), |l| format!("{l:.4}")),
+                it.lr.map_or("-".into(), |l| format!("{l:.2e}")),
+            ));
+        }
+        follow::Event::Submitted { object, .. } => b.println(format!("submitted {object}")),
+        follow::Event::Restarted { stage, restarts } => {
+            b.println(format!("{}: pods restarted ({restarts})", names[stage]))
+        }
+        follow::Event::StageDone { stage, checkpoint } => {
+            b.println(format!("{} done: checkpoint {checkpoint}", names[stage]))
+        }
+    })
+    .await?;
+    bar.finish_and_clear();
+    for c in checkpoints {
+        eprintln!("checkpoint {c}");
+    }
+    Ok(())
 }
 
 /// The job the flags describe, validated.
@@ -100,6 +212,13 @@ pub fn job(args: &Args) -> anyhow::Result<Job> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.engine == "jobset" {
+        return run_jobset(&args).await;
+    }
+    anyhow::ensure!(
+        !args.render && args.cluster.is_none(),
+        "--render and --cluster belong to --engine jobset"
+    );
     let job = job(&args)?;
     if let Some(addr) = args.metrics_addr {
         davinci_runtime::telemetry::install_metrics(addr)?;

@@ -10,6 +10,11 @@
 //! NetworkPolicy that denies egress get no network, and `shareProcessNamespace` gets an init
 //! that reaps orphans (as the pause container does).
 //!
+//! Any other namespaced resource (ConfigMaps, JobSets, TrainJobs, …) is served generically —
+//! get, list, watch, create, server-side apply, merge patch, delete — with controllers for
+//! JobSets and TrainJobs whose pods are scripted by the test (see [`objects`]); pod logs are
+//! served (and followed) from what the test appends.
+//!
 //! Every request is recorded ([`FakeCluster::requests`]) so tests can check what a client
 //! sent, e.g. validate the Pod manifests against the Kubernetes schema.
 
@@ -18,11 +23,14 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+mod objects;
+
 use bollard::Docker;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -75,6 +83,10 @@ struct Store {
     policies: BTreeMap<(String, String), Value>,
     /// (namespace, name) → docker container id.
     containers: HashMap<(String, String), String>,
+    /// (resource, namespace, name) → object, for every resource served generically.
+    objects: BTreeMap<(String, String, String), Value>,
+    /// (namespace, pod) → what its container printed.
+    logs: HashMap<(String, String), String>,
     resource_version: u64,
     requests: Vec<Recorded>,
 }
@@ -83,6 +95,8 @@ struct State {
     cfg: FakeConfig,
     docker: Docker,
     store: Mutex<Store>,
+    /// Every change of a generically served object, for watches.
+    changes: tokio::sync::broadcast::Sender<objects::Change>,
 }
 
 /// A running fake API server.
@@ -101,6 +115,7 @@ impl FakeCluster {
             cfg,
             docker,
             store: Mutex::new(Store::default()),
+            changes: tokio::sync::broadcast::channel(1024).0,
         });
         let st = state.clone();
         let server = tokio::spawn(async move {
@@ -193,13 +208,17 @@ pub async fn remove_node_containers(docker: &Docker, node: &str) {
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<BoxBody<Bytes, Infallible>>;
+
+fn full(b: Bytes) -> BoxBody<Bytes, Infallible> {
+    Full::new(b).boxed()
+}
 
 fn json_response(code: StatusCode, v: &Value) -> Resp {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(v.to_string())))
+        .body(full(Bytes::from(v.to_string())))
         .expect("response")
 }
 
@@ -283,6 +302,12 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Resp {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let is_ws = req
         .headers()
         .get(hyper::header::UPGRADE)
@@ -423,6 +448,35 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Resp {
                 Some(p) => json_response(StatusCode::OK, p),
                 None => not_found("networkpolicies.networking.k8s.io", name),
             }
+        }
+        (Method::GET, ["api", "v1", "namespaces", ns, "pods", name, "log"]) => {
+            objects::pod_log(st, ns, name, &query)
+        }
+        (m, ["api", "v1", "namespaces", ns, plural, rest @ ..]) if *plural != "pods" => {
+            objects::serve(
+                st.clone(),
+                m,
+                format!("v1/{plural}"),
+                ns,
+                rest,
+                &query,
+                &content_type,
+                body_json,
+            )
+            .await
+        }
+        (m, ["apis", group, _version, "namespaces", ns, plural, rest @ ..]) => {
+            objects::serve(
+                st.clone(),
+                m,
+                format!("{group}/{plural}"),
+                ns,
+                rest,
+                &query,
+                &content_type,
+                body_json,
+            )
+            .await
         }
         _ => not_found("resource", &path),
     }
@@ -924,7 +978,7 @@ async fn exec(
         .header(hyper::header::CONNECTION, "Upgrade")
         .header(hyper::header::SEC_WEBSOCKET_ACCEPT, accept)
         .header(hyper::header::SEC_WEBSOCKET_PROTOCOL, proto)
-        .body(Full::new(Bytes::new()))
+        .body(full(Bytes::new()))
         .expect("response")
 }
 

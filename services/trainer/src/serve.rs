@@ -1,10 +1,15 @@
 //! gRPC wiring of the trainer service: `StartTrain` with engine `candle` runs the in-process
 //! trainer ([`crate::train::train`] on a blocking thread) as a job of the runtime's registry;
-//! Get/Watch/Cancel answer from it. Engine `jobset` (the cluster engine) is refused until it
-//! exists.
+//! engine `jobset` submits the job's JobSets / TrainJobs and follows them
+//! ([`crate::jobset::follow`]); Get/Watch/Cancel answer from the registry (cancel also deletes
+//! the Kubernetes objects). [`TrainerService::reattach`] picks up a previous process's jobs.
 use crate::config::{Overrides, TrainConfig};
 use crate::data::read_manifest;
+use crate::jobset::follow::{self, Event};
+use crate::jobset::{self, Plan};
 use crate::train::{self, Job as TrainJob, ModelSource};
+use davinci_runtime::blob::S3Config;
+use davinci_runtime::jobs::JobHandle;
 use anyhow::Context;
 use davinci_proto::v1::trainer_server::{Trainer, TrainerServer};
 use davinci_proto::v1::{Job, JobRef, StartTrainRequest, TrainSpec};
@@ -16,14 +21,85 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tonic::{Request, Response, Status};
 
 /// Answers the Trainer RPCs from a job registry.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TrainerService {
     jobs: JobRegistry,
+    /// The Kubernetes client of the jobset engine (inferred on first use when not given).
+    kube: Arc<tokio::sync::OnceCell<kube::Client>>,
+    s3: S3Config,
+}
+
+impl std::fmt::Debug for TrainerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainerService")
+            .field("jobs", &self.jobs)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TrainerService {
     pub fn new(jobs: JobRegistry) -> Self {
-        Self { jobs }
+        Self {
+            jobs,
+            kube: Arc::default(),
+            s3: S3Config::default(),
+        }
+    }
+
+    /// Uses `client` for the jobset engine instead of the in-cluster / kubeconfig one.
+    pub fn with_kube(self, client: kube::Client) -> Self {
+        Self {
+            kube: Arc::new(tokio::sync::OnceCell::new_with(Some(client))),
+            ..self
+        }
+    }
+
+    /// Reads manifests and model configs on S3 with these settings.
+    pub fn with_s3(self, s3: S3Config) -> Self {
+        Self { s3, ..self }
+    }
+
+    async fn kube_client(&self) -> anyhow::Result<kube::Client> {
+        self.kube
+            .get_or_try_init(|| async {
+                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                kube::Client::try_default().await.context(
+                    "engine jobset needs a Kubernetes API: none in-cluster and no kubeconfig",
+                )
+            })
+            .await
+            .cloned()
+    }
+
+    /// Follows again the jobset jobs a previous trainer process left running in `namespaces`
+    /// (found by label); returns how many.
+    pub async fn reattach(&self, namespaces: &[&str]) -> anyhow::Result<usize> {
+        let client = self.kube_client().await?;
+        let mut n = 0;
+        for ns in namespaces {
+            for plan in follow::owned_plans(&client, ns).await? {
+                tracing::info!(job = %plan.job_id, run = %plan.run_id, "re-attaching to a jobset job");
+                self.spawn_cluster(client.clone(), plan).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn spawn_cluster(&self, client: kube::Client, plan: Plan) -> Result<Job, Status> {
+        let spec_json = serde_json::json!({
+            "engine": "jobset", "out": plan.out, "model": plan.model_uri,
+            "objects": plan.stages.iter().map(|s| &s.object).collect::<Vec<_>>(),
+            "namespace": plan.cluster.namespace,
+        })
+        .to_string();
+        let (id, run) = (plan.job_id.clone(), plan.run_id.clone());
+        Ok(self
+            .jobs
+            .spawn_with_id(&id, "train", &run, spec_json, move |handle| {
+                Box::pin(follow_cluster_job(client, plan, handle))
+            })
+            .await?)
     }
 
     pub fn into_server(self) -> TrainerServer<Self> {
@@ -86,6 +162,89 @@ pub fn job_from_spec(spec: &TrainSpec) -> anyhow::Result<TrainJob> {
     })
 }
 
+/// A jobset job: submits and follows its stages, reporting Megatron's iterations as progress;
+/// a cancel deletes its objects.
+async fn follow_cluster_job(
+    client: kube::Client,
+    plan: Plan,
+    handle: JobHandle,
+) -> anyhow::Result<Vec<String>> {
+    let token = handle.cancel_token();
+    let (c, ns, kind, id) = (
+        client.clone(),
+        plan.cluster.namespace.clone(),
+        plan.cluster.kind,
+        plan.job_id.clone(),
+    );
+    let canceller = tokio::spawn(async move {
+        token.cancelled().await;
+        match follow::cancel(&c, &ns, kind, &id).await {
+            Ok(n) => tracing::info!(job = %id, objects = n, "cancelled: deleted the job's objects"),
+            Err(e) => tracing::error!(job = %id, "cancel could not delete the job's objects: {e:#}"),
+        }
+    });
+    let total = plan.total_iters();
+    let seq_len = plan
+        .stages
+        .first()
+        .and_then(|s| s.args.iter().position(|a| a == "--seq-length").map(|i| &s.args[i + 1]))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let names: Vec<String> = plan.stages.iter().map(|s| s.name.clone()).collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let h = handle.clone();
+    let reporter = tokio::spawn(async move {
+        while let Some(e) = rx.recv().await {
+            match e {
+                Event::Iteration { stage, step, it } => {
+                    let tps = it.tokens_per_s(seq_len);
+                    if let Some(l) = it.loss {
+                        metrics::gauge!("davinci_trainer_loss").set(l);
+                    }
+                    if let Some(lr) = it.lr {
+                        metrics::gauge!("davinci_trainer_learning_rate").set(lr);
+                    }
+                    if let Some(t) = tps {
+                        metrics::gauge!("davinci_trainer_tokens_per_second").set(t);
+                    }
+                    metrics::gauge!("davinci_trainer_step").set(step as f64);
+                    metrics::counter!("davinci_trainer_steps_total").increment(1);
+                    let msg = format!(
+                        "{} iteration {}/{} loss {} lr {} {} tok/s",
+                        names[stage],
+                        it.iteration,
+                        it.train_iters,
+                        it.loss.map_or("-".into(), |l| format!("{l:.4}")),
+                        it.lr.map_or("-".into(), |l| format!("{l:.2e}")),
+                        tps.map_or("-".into(), |t| format!("{t:.0}")),
+                    );
+                    h.progress(step, total, &msg).await;
+                }
+                Event::Submitted { stage, object } => {
+                    h.progress(0, total, &format!("{} submitted as {object}", names[stage]))
+                        .await;
+                }
+                Event::Restarted { stage, restarts } => {
+                    h.count("restarts", 1).await;
+                    tracing::warn!(stage = %names[stage], restarts, "the stage's pods restarted");
+                }
+                Event::StageDone { stage, checkpoint } => {
+                    h.count("stages", 1).await;
+                    tracing::info!(stage = %names[stage], %checkpoint, "stage finished");
+                }
+            }
+        }
+    });
+    let result = follow::run(&client, &plan, &mut |e| {
+        let _ = tx.send(e);
+    })
+    .await;
+    drop(tx);
+    let _ = reporter.await;
+    canceller.abort();
+    result
+}
+
 fn invalid(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
@@ -98,9 +257,15 @@ impl Trainer for TrainerService {
         match spec.engine.as_str() {
             "" | "candle" => {}
             "jobset" => {
-                return Err(Status::unimplemented(
-                    "engine jobset (JobSet + Megatron-LM on Kubernetes) is not built yet; use engine candle",
-                ));
+                let job_id = uuid::Uuid::new_v4().simple().to_string();
+                let plan = jobset::plan_from_spec(&spec, &req.run_id, &job_id, &self.s3)
+                    .await
+                    .map_err(|e| invalid(format!("{e:#}")))?;
+                let client = self
+                    .kube_client()
+                    .await
+                    .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+                return Ok(Response::new(self.spawn_cluster(client, plan).await?));
             }
             e => return Err(invalid(format!("unknown engine `{e}` (candle or jobset)"))),
         }

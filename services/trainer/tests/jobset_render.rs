@@ -152,7 +152,10 @@ fn paper_72b_jobset_is_the_reviewed_golden() {
     assert_eq!(arg(a, "--make-vocab-size-divisible-by"), Some("54"));
     assert_eq!(arg(a, "--rotary-base"), Some("1000000"));
     assert_eq!(arg(a, "--norm-epsilon"), Some("1e-5"));
-    assert!(a.iter().any(|x| x == "--untie-embeddings-and-output-weights"));
+    assert!(
+        a.iter()
+            .any(|x| x == "--untie-embeddings-and-output-weights")
+    );
     assert!(a.iter().any(|x| x == "--add-qkv-bias"));
     assert_eq!(arg(a, "--lr"), Some("8e-5"));
     assert_eq!(arg(a, "--min-lr"), Some("8e-6"));
@@ -220,7 +223,10 @@ fn megatron_args_for_0_5b_and_32b() {
     };
     let p = plan("0.5b", &small, 64);
     let a = &p.stages[0].args;
-    assert!(!a.iter().any(|x| x == "--untie-embeddings-and-output-weights"));
+    assert!(
+        !a.iter()
+            .any(|x| x == "--untie-embeddings-and-output-weights")
+    );
     assert!(!a.iter().any(|x| x == "--sequence-parallel"));
     assert_eq!(arg(a, "--num-query-groups"), Some("2"));
     assert_eq!(arg(a, "--make-vocab-size-divisible-by"), Some("1187"));
@@ -389,7 +395,15 @@ fn render_prints_yaml_a_reviewer_can_read() {
     assert_eq!(docs, objs, "the YAML reads back as the objects");
     let cm = &objs[0];
     assert_eq!(cm["kind"], "ConfigMap");
-    for k in ["run.sh", "pretrain_davinci.py", "davinci_sft.py", "convert.py", "objects.py", "stage-0.args", "stage-1.args"] {
+    for k in [
+        "run.sh",
+        "pretrain_davinci.py",
+        "davinci_sft.py",
+        "convert.py",
+        "objects.py",
+        "stage-0.args",
+        "stage-1.args",
+    ] {
         assert!(cm["data"][k].is_string(), "{k}");
     }
     let back: Plan = serde_json::from_str(cm["data"]["plan.json"].as_str().unwrap()).unwrap();

@@ -25,7 +25,11 @@ pub enum Event {
     /// An object was applied.
     Submitted { stage: usize, object: String },
     /// A Megatron iteration line of stage `stage`; `step` is the job's global step.
-    Iteration { stage: usize, step: u64, it: Iteration },
+    Iteration {
+        stage: usize,
+        step: u64,
+        it: Iteration,
+    },
     /// The stage's object restarted its pods (JobSet `status.restarts`).
     Restarted { stage: usize, restarts: u64 },
     /// The stage finished and its Hugging Face checkpoint is at `checkpoint`.
@@ -70,7 +74,10 @@ fn status_of(kind: ObjectKind, obj: &serde_json::Value) -> Status {
         ObjectKind::Jobset => "Completed",
         ObjectKind::Trainjob => "Complete",
     };
-    let conds = obj["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    let conds = obj["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let is = |t: &str| {
         conds
             .iter()
@@ -101,7 +108,12 @@ async fn ensure_config_map(client: &Client, plan: &Plan) -> anyhow::Result<Confi
     let cm = render::config_map(plan)?;
     api.patch(&plan.name, &apply_params(), &Patch::Apply(&cm))
         .await
-        .with_context(|| format!("applying ConfigMap {}/{}", plan.cluster.namespace, plan.name))
+        .with_context(|| {
+            format!(
+                "applying ConfigMap {}/{}",
+                plan.cluster.namespace, plan.name
+            )
+        })
 }
 
 fn annotation<'a>(cm: &'a ConfigMap, key: &str) -> Option<&'a str> {
@@ -208,7 +220,10 @@ async fn watch_stage(
     let mut restarts = 0;
     loop {
         let obj = api.get_opt(&s.object).await?.ok_or_else(|| {
-            anyhow!("{} was deleted while the stage ran (cancelled, or removed by hand)", s.object)
+            anyhow!(
+                "{} was deleted while the stage ran (cancelled, or removed by hand)",
+                s.object
+            )
         })?;
         let mut status = status_of(kind, &serde_json::to_value(&obj)?);
         let rv = obj.metadata.resource_version.clone().unwrap_or_default();
@@ -323,7 +338,12 @@ async fn tail_logs(
 
 /// Deletes everything a job created (its stage objects, their pods by cascade, and the
 /// ConfigMap); what is already gone is fine.
-pub async fn cancel(client: &Client, namespace: &str, kind: ObjectKind, job_id: &str) -> anyhow::Result<usize> {
+pub async fn cancel(
+    client: &Client,
+    namespace: &str,
+    kind: ObjectKind,
+    job_id: &str,
+) -> anyhow::Result<usize> {
     let sel = render::job_selector(job_id);
     let lp = ListParams::default().labels(&sel);
     let dp = DeleteParams::foreground();
@@ -367,8 +387,8 @@ pub async fn owned_plans(client: &Client, namespace: &str) -> anyhow::Result<Vec
             tracing::warn!(configmap = %name, "a trainer ConfigMap without plan.json; skipped");
             continue;
         };
-        let plan: Plan = serde_json::from_str(text)
-            .with_context(|| format!("ConfigMap {name}: plan.json"))?;
+        let plan: Plan =
+            serde_json::from_str(text).with_context(|| format!("ConfigMap {name}: plan.json"))?;
         let done: usize = annotation(&cm, COMPLETED_ANNOTATION)
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);

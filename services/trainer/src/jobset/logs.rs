@@ -93,7 +93,10 @@ mod tests {
         // 2023-era lines: no timestamp, short learning rate, no throughput.
         let old = " iteration       37/    5000 | consumed samples:        18944 | elapsed time per iteration (ms): 21034.7 | learning rate: 2.960E-06 | global batch size:   512 | lm loss: 1.873021E+00 | loss scale: 1.0 | grad norm: 0.412 | number of skipped iterations:   0 | number of nan iterations:   0 |";
         let it = parse(old).unwrap();
-        assert_eq!((it.iteration, it.train_iters, it.lr), (37, 5000, Some(2.96e-6)));
+        assert_eq!(
+            (it.iteration, it.train_iters, it.lr),
+            (37, 5000, Some(2.96e-6))
+        );
         assert_eq!(it.tflops_per_gpu, None);
         for other in [
             "[davinci] stage 0 train: torchrun on node 0 of 8",

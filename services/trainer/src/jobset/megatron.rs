@@ -41,7 +41,12 @@ impl Parallelism {
 
     /// Checks the layout against the model and the batch as Megatron would (divisibility of
     /// the world, heads, query groups, layers and the global batch).
-    pub fn check(&self, m: &Qwen2Config, micro_batch: u32, global_batch: u32) -> anyhow::Result<()> {
+    pub fn check(
+        &self,
+        m: &Qwen2Config,
+        micro_batch: u32,
+        global_batch: u32,
+    ) -> anyhow::Result<()> {
         let Parallelism {
             nodes,
             gpus_per_node,
@@ -121,10 +126,14 @@ pub fn padded_vocab(tokenizer_vocab: usize, divisor: usize, tp: u32) -> usize {
 /// The model's architecture arguments. Qwen2 always has a bias on q/k/v and none elsewhere.
 pub fn model_args(m: &Qwen2Config, tokenizer_vocab: usize, tp: u32) -> anyhow::Result<Vec<String>> {
     if let Some(s) = m.extra.get("rope_scaling").filter(|v| !v.is_null()) {
-        bail!("config.json has rope_scaling {s}: YaRN / dynamic RoPE is not rendered for Megatron; remove it for training");
+        bail!(
+            "config.json has rope_scaling {s}: YaRN / dynamic RoPE is not rendered for Megatron; remove it for training"
+        );
     }
     if m.extra.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) {
-        bail!("config.json sets use_sliding_window: Megatron's GPT model has no sliding-window attention");
+        bail!(
+            "config.json sets use_sliding_window: Megatron's GPT model has no sliding-window attention"
+        );
     }
     ensure!(
         m.hidden_act == "silu",
@@ -139,7 +148,10 @@ pub fn model_args(m: &Qwen2Config, tokenizer_vocab: usize, tp: u32) -> anyhow::R
         ("--ffn-hidden-size", m.intermediate_size.to_string()),
         ("--num-attention-heads", m.num_attention_heads.to_string()),
         ("--kv-channels", head_dim.to_string()),
-        ("--max-position-embeddings", m.max_position_embeddings.to_string()),
+        (
+            "--max-position-embeddings",
+            m.max_position_embeddings.to_string(),
+        ),
         ("--position-embedding-type", "rope".into()),
         ("--rotary-percent", "1.0".into()),
         (
@@ -254,7 +266,12 @@ pub fn schedule_args(s: &Schedule) -> Vec<String> {
 /// Megatron's object-storage reader, which caches the `.idx` files locally), the tokenizer
 /// (only its length and EOD are used: the shards are tokenized), documents as the packer laid
 /// them out (positions restart after every EOD, no loss on predicting across an EOD).
-pub fn data_args(blend: &[(f64, String)], tokenizer_dir: &str, idx_cache: &str, data_cache: &str) -> Vec<String> {
+pub fn data_args(
+    blend: &[(f64, String)],
+    tokenizer_dir: &str,
+    idx_cache: &str,
+    data_cache: &str,
+) -> Vec<String> {
     let mut a = vec!["--data-path".to_string()];
     for (w, p) in blend {
         a.push(format!("{w:.8}"));
@@ -305,7 +322,12 @@ mod tests {
         }
         assert_eq!(vocab_divisor(152_064, 151_665, 8).unwrap(), 54);
         assert_eq!(vocab_divisor(151_936, 151_665, 1).unwrap(), 1187);
-        assert!(vocab_divisor(151_000, 151_665, 1).unwrap_err().to_string().contains("wrong tokenizer"));
+        assert!(
+            vocab_divisor(151_000, 151_665, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("wrong tokenizer")
+        );
         assert!(vocab_divisor(151_937, 151_665, 2).is_err());
         assert_eq!(sci(8e-5 * 0.1), "8e-6");
         assert_eq!(sci(1e-6), "1e-6");

@@ -13,10 +13,10 @@ pub mod render;
 
 use crate::config::{Overrides, TrainConfig};
 use crate::data::Manifest;
-use davinci_proto::v1::TrainSpec;
-use davinci_runtime::blob::{self, S3Config};
 use anyhow::{Context, bail, ensure};
 use davinci_model::Qwen2Config;
+use davinci_proto::v1::TrainSpec;
+use davinci_runtime::blob::{self, S3Config};
 use megatron::{Parallelism, Schedule};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -275,16 +275,19 @@ pub fn plan(i: &PlanInput) -> anyhow::Result<Plan> {
             dir.to_string()
         }
     };
-    let name = format!(
-        "dv-{}-{}",
-        dns_label(i.run_id, 20),
-        dns_label(i.job_id, 8)
-    )
-    .replace("--", "-");
-    let model_args = megatron::model_args(i.model, i.manifest.tokenizer.vocab_size as usize, c.parallel.tp)?;
+    let name =
+        format!("dv-{}-{}", dns_label(i.run_id, 20), dns_label(i.job_id, 8)).replace("--", "-");
+    let model_args = megatron::model_args(
+        i.model,
+        i.manifest.tokenizer.vocab_size as usize,
+        c.parallel.tp,
+    )?;
     let parallel_args = megatron::parallel_args(&c.parallel);
     let ckpt_root = format!("/ckpt/{name}");
-    let raw_stages = i.manifest_json["stages"].as_array().cloned().unwrap_or_default();
+    let raw_stages = i.manifest_json["stages"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let mut stages = Vec::new();
     let mut step = 0u64;
     let mut load = format!("{ckpt_root}/megatron/base");
@@ -300,7 +303,12 @@ pub fn plan(i: &PlanInput) -> anyhow::Result<Plan> {
             .find(|s| s["name"] == sc.name.as_str())
             .and_then(|s| s["blend"].as_str())
             .filter(|b| !b.trim().is_empty())
-            .with_context(|| format!("manifest stage `{}` has no blend (an empty stage?)", sc.name))?;
+            .with_context(|| {
+                format!(
+                    "manifest stage `{}` has no blend (an empty stage?)",
+                    sc.name
+                )
+            })?;
         let prefixes: Vec<&str> = entry
             .datasets
             .iter()
@@ -392,7 +400,10 @@ pub async fn plan_from_spec(
     job_id: &str,
     s3: &S3Config,
 ) -> anyhow::Result<Plan> {
-    ensure!(!spec.data.is_empty(), "spec.data (the manifest URI) is required");
+    ensure!(
+        !spec.data.is_empty(),
+        "spec.data (the manifest URI) is required"
+    );
     ensure!(!spec.out.is_empty(), "spec.out is required");
     ensure!(
         !spec.model.is_empty(),
@@ -451,8 +462,14 @@ mod tests {
         assert_eq!(
             b,
             vec![
-                (0.75, "s3://bucket/runs/r1/packed/stage1/ctx-00000".to_string()),
-                (0.25, "s3://bucket/runs/r1/packed/stage1/ctx-00001".to_string())
+                (
+                    0.75,
+                    "s3://bucket/runs/r1/packed/stage1/ctx-00000".to_string()
+                ),
+                (
+                    0.25,
+                    "s3://bucket/runs/r1/packed/stage1/ctx-00001".to_string()
+                )
             ]
         );
         let e = rebase_blend("1.0 /x/other-00000", &["stage1/ctx-00000"], "s3://b").unwrap_err();

@@ -60,7 +60,10 @@ pub fn config_map(plan: &Plan) -> anyhow::Result<Value> {
             json!(s.args.join("\n") + "\n"),
         );
     }
-    data.insert("plan.json".into(), json!(serde_json::to_string_pretty(plan)?));
+    data.insert(
+        "plan.json".into(),
+        json!(serde_json::to_string_pretty(plan)?),
+    );
     Ok(json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -105,7 +108,9 @@ fn stage_env(plan: &Plan, s: &StagePlan) -> Vec<Value> {
     }
     if let Some(secret) = &c.s3_secret {
         for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
-            e.push(json!({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}));
+            e.push(
+                json!({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}),
+            );
         }
     }
     e
@@ -228,7 +233,12 @@ pub fn jobset(plan: &Plan, s: &StagePlan) -> Value {
     let mut jobs = Vec::new();
     let first = s.index == 0;
     if first {
-        jobs.push(replicated_job("import", 1, None, pod_template(plan, s, "import")));
+        jobs.push(replicated_job(
+            "import",
+            1,
+            None,
+            pod_template(plan, s, "import"),
+        ));
     }
     jobs.push(replicated_job(
         "node",
@@ -236,7 +246,12 @@ pub fn jobset(plan: &Plan, s: &StagePlan) -> Value {
         first.then_some("import"),
         pod_template(plan, s, "train"),
     ));
-    jobs.push(replicated_job("export", 1, Some("node"), pod_template(plan, s, "export")));
+    jobs.push(replicated_job(
+        "export",
+        1,
+        Some("node"),
+        pod_template(plan, s, "export"),
+    ));
     json!({
         "apiVersion": JOBSET_API,
         "kind": "JobSet",
