@@ -4,7 +4,10 @@
 //! *scripted*: they run nothing, a test writes their log ([`FakeCluster::append_log`]) and ends
 //! them ([`FakeCluster::finish_pod`]), and the controllers move the objects' status the way
 //! the JobSet and Kubeflow Trainer controllers do (conditions, restarts, replicated job counts).
-use super::{FakeCluster, Resp, State, Store, admit, full, json_response, not_found, now_rfc3339, query_param, selector_matches, status};
+use super::{
+    FakeCluster, Resp, State, Store, admit, full, json_response, not_found, now_rfc3339,
+    query_param, selector_matches, status,
+};
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
@@ -130,7 +133,10 @@ pub(crate) async fn serve(
         }
         (Method::GET, [name] | [name, "status"]) => {
             let s = st.store.lock().unwrap();
-            match s.objects.get(&(resource.clone(), ns.to_string(), name.to_string())) {
+            match s
+                .objects
+                .get(&(resource.clone(), ns.to_string(), name.to_string()))
+            {
                 Some(o) => json_response(StatusCode::OK, o),
                 None => not_found(&plural(&resource), name),
             }
@@ -139,7 +145,10 @@ pub(crate) async fn serve(
             let Some(obj) = body else {
                 return bad("no body");
             };
-            let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let name = obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let created = {
                 let mut s = st.store.lock().unwrap();
                 let key = (resource.clone(), ns.to_string(), name.clone());
@@ -165,7 +174,10 @@ pub(crate) async fn serve(
                 let mut s = st.store.lock().unwrap();
                 let key = (resource.clone(), ns.to_string(), name.to_string());
                 match s.objects.get(&key).cloned() {
-                    None if apply => (StatusCode::CREATED, insert(&st, &mut s, &resource, ns, patch)),
+                    None if apply => (
+                        StatusCode::CREATED,
+                        insert(&st, &mut s, &resource, ns, patch),
+                    ),
                     None => return not_found(&plural(&resource), name),
                     Some(mut o) => {
                         let keep = o["metadata"].clone();
@@ -218,7 +230,10 @@ fn bad(msg: &str) -> Resp {
 fn insert(st: &State, s: &mut Store, resource: &str, ns: &str, mut obj: Value) -> Value {
     admit(st, s, ns, &mut obj);
     obj["metadata"]["generation"] = json!(1);
-    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     s.objects
         .insert((resource.to_string(), ns.to_string(), name), obj.clone());
     emit(st, resource, ns, "ADDED", &obj);
@@ -263,7 +278,9 @@ fn watch(st: Arc<State>, resource: String, ns: String, query: &str) -> Resp {
     let mut rx = st.changes.subscribe();
     let matches = {
         let (labels, fields) = (labels.clone(), fields.clone());
-        move |o: &Value| selector_matches(&labels, &o["metadata"]["labels"]) && field_matches(&fields, o)
+        move |o: &Value| {
+            selector_matches(&labels, &o["metadata"]["labels"]) && field_matches(&fields, o)
+        }
     };
     let backlog: Vec<Value> = {
         let s = st.store.lock().unwrap();
@@ -320,7 +337,9 @@ fn watch(st: Arc<State>, resource: String, ns: String, query: &str) -> Resp {
         .expect("response")
 }
 
-fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> impl futures::Stream<Item = Bytes> {
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> impl futures::Stream<Item = Bytes> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -335,7 +354,14 @@ pub(crate) fn pod_log(st: Arc<State>, ns: &str, name: &str, query: &str) -> Resp
         .first()
         .is_some_and(|v| v == "true" || v == "1");
     if !follow {
-        let text = st.store.lock().unwrap().logs.get(&key).cloned().unwrap_or_default();
+        let text = st
+            .store
+            .lock()
+            .unwrap()
+            .logs
+            .get(&key)
+            .cloned()
+            .unwrap_or_default();
         return hyper::Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "text/plain")
@@ -404,7 +430,10 @@ fn reconcile_jobset(st: &State, s: &mut Store, ns: &str, name: &str) {
         return;
     }
     let restarts = js["status"]["restarts"].as_u64().unwrap_or(0);
-    let rjobs = js["spec"]["replicatedJobs"].as_array().cloned().unwrap_or_default();
+    let rjobs = js["spec"]["replicatedJobs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let pods_of = |s: &Store, rj: &str| -> Vec<Value> {
         s.pods
             .iter()
@@ -455,7 +484,9 @@ fn reconcile_jobset(st: &State, s: &mut Store, ns: &str, name: &str) {
             "suspended": 0,
         }));
     }
-    let max = js["spec"]["failurePolicy"]["maxRestarts"].as_u64().unwrap_or(0);
+    let max = js["spec"]["failurePolicy"]["maxRestarts"]
+        .as_u64()
+        .unwrap_or(0);
     let mut status = js["status"].clone();
     if !status.is_object() {
         status = json!({});
@@ -464,7 +495,8 @@ fn reconcile_jobset(st: &State, s: &mut Store, ns: &str, name: &str) {
     status["replicatedJobsStatus"] = json!(statuses);
     if failed && restarts < max {
         // RestartJobSet: every job (and pod) of this attempt is recreated.
-        s.pods.retain(|(n, _), p| !(n == ns && p["metadata"]["labels"][JOBSET_LABEL] == name));
+        s.pods
+            .retain(|(n, _), p| !(n == ns && p["metadata"]["labels"][JOBSET_LABEL] == name));
         status["restarts"] = json!(restarts + 1);
         status["restartsCountTowardsMax"] = json!(restarts + 1);
         update_status(st, s, &key, status);
@@ -472,14 +504,24 @@ fn reconcile_jobset(st: &State, s: &mut Store, ns: &str, name: &str) {
     }
     if failed {
         let (reason, msg) = if max > 0 {
-            ("ReachedMaxRestarts", "jobset failed due to reaching max number of restarts")
+            (
+                "ReachedMaxRestarts",
+                "jobset failed due to reaching max number of restarts",
+            )
         } else {
-            ("FailedJobs", "jobset failed due to one or more job failures")
+            (
+                "FailedJobs",
+                "jobset failed due to one or more job failures",
+            )
         };
         status["conditions"] = json!([condition("Failed", reason, msg)]);
         status["terminalState"] = json!("Failed");
     } else if rjobs.iter().all(|rj| complete(s, rj)) {
-        status["conditions"] = json!([condition("Completed", "AllJobsCompleted", "jobset completed successfully")]);
+        status["conditions"] = json!([condition(
+            "Completed",
+            "AllJobsCompleted",
+            "jobset completed successfully"
+        )]);
         status["terminalState"] = json!("Completed");
     }
     update_status(st, s, &key, status);
@@ -556,7 +598,10 @@ fn create_pods(st: &State, s: &mut Store, ns: &str, js: &Value, rj: &Value, rest
                     "state": {"running": {"startedAt": now}},
                 }],
             });
-            let pname = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let pname = pod["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             s.pods.insert((ns.to_string(), pname), pod);
         }
     }
@@ -585,7 +630,11 @@ fn reconcile_trainjob(st: &State, s: &mut Store, ns: &str, name: &str) {
     if !status["conditions"].is_array() {
         status["conditions"] = json!([]);
     }
-    for c in js["status"]["conditions"].as_array().cloned().unwrap_or_default() {
+    for c in js["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
         let t = match c["type"].as_str() {
             Some("Completed") => "Complete",
             Some("Failed") => "Failed",
@@ -606,7 +655,9 @@ fn trainjob_jobset(s: &Store, tj: &Value) -> Value {
     let name = tj["metadata"]["name"].as_str().unwrap_or_default();
     let t = &tj["spec"]["trainer"];
     let nodes = t["numNodes"].as_u64().unwrap_or(1);
-    let runtime = tj["spec"]["runtimeRef"]["name"].as_str().unwrap_or_default();
+    let runtime = tj["spec"]["runtimeRef"]["name"]
+        .as_str()
+        .unwrap_or_default();
     let rt = s
         .objects
         .iter()
@@ -615,7 +666,10 @@ fn trainjob_jobset(s: &Store, tj: &Value) -> Value {
     let mut env = t["env"].as_array().cloned().unwrap_or_default();
     for (k, v) in [
         ("PET_NNODES", nodes.to_string()),
-        ("PET_NPROC_PER_NODE", t["numProcPerNode"].as_u64().unwrap_or(1).to_string()),
+        (
+            "PET_NPROC_PER_NODE",
+            t["numProcPerNode"].as_u64().unwrap_or(1).to_string(),
+        ),
         ("PET_MASTER_ADDR", format!("{name}-node-0-0.{name}")),
         ("PET_MASTER_PORT", "29400".into()),
     ] {
@@ -679,7 +733,11 @@ impl FakeCluster {
             };
             let now = now_rfc3339();
             let started = p["status"]["startTime"].clone();
-            p["status"]["phase"] = json!(if exit_code == 0 { "Succeeded" } else { "Failed" });
+            p["status"]["phase"] = json!(if exit_code == 0 {
+                "Succeeded"
+            } else {
+                "Failed"
+            });
             p["status"]["containerStatuses"][0]["ready"] = json!(false);
             p["status"]["containerStatuses"][0]["started"] = json!(false);
             p["status"]["containerStatuses"][0]["state"] = json!({"terminated": {
@@ -689,7 +747,9 @@ impl FakeCluster {
                 "containerID": p["status"]["containerStatuses"][0]["containerID"],
             }});
             p["metadata"]["resourceVersion"] = json!(rv);
-            p["metadata"]["labels"][JOBSET_LABEL].as_str().map(str::to_string)
+            p["metadata"]["labels"][JOBSET_LABEL]
+                .as_str()
+                .map(str::to_string)
         };
         if let Some(js) = jobset {
             let mut s = st.store.lock().unwrap();

@@ -8,12 +8,12 @@ use crate::data::read_manifest;
 use crate::jobset::follow::{self, Event};
 use crate::jobset::{self, Plan};
 use crate::train::{self, Job as TrainJob, ModelSource};
-use davinci_runtime::blob::S3Config;
-use davinci_runtime::jobs::JobHandle;
 use anyhow::Context;
 use davinci_proto::v1::trainer_server::{Trainer, TrainerServer};
 use davinci_proto::v1::{Job, JobRef, StartTrainRequest, TrainSpec};
+use davinci_runtime::blob::S3Config;
 use davinci_runtime::grpc::{self, ProgressStream};
+use davinci_runtime::jobs::JobHandle;
 use davinci_runtime::jobs::JobRegistry;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -180,14 +180,21 @@ async fn follow_cluster_job(
         token.cancelled().await;
         match follow::cancel(&c, &ns, kind, &id).await {
             Ok(n) => tracing::info!(job = %id, objects = n, "cancelled: deleted the job's objects"),
-            Err(e) => tracing::error!(job = %id, "cancel could not delete the job's objects: {e:#}"),
+            Err(e) => {
+                tracing::error!(job = %id, "cancel could not delete the job's objects: {e:#}")
+            }
         }
     });
     let total = plan.total_iters();
     let seq_len = plan
         .stages
         .first()
-        .and_then(|s| s.args.iter().position(|a| a == "--seq-length").map(|i| &s.args[i + 1]))
+        .and_then(|s| {
+            s.args
+                .iter()
+                .position(|a| a == "--seq-length")
+                .map(|i| &s.args[i + 1])
+        })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let names: Vec<String> = plan.stages.iter().map(|s| s.name.clone()).collect();

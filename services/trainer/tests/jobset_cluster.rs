@@ -31,7 +31,9 @@ async fn fake() -> (FakeCluster, kube::Client) {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     // The fake's node only needs Docker for pods created through the API; these are scripted.
     let docker = bollard::Docker::connect_with_local_defaults().expect("docker client");
-    let fake = FakeCluster::start(FakeConfig::default(), docker).await.unwrap();
+    let fake = FakeCluster::start(FakeConfig::default(), docker)
+        .await
+        .unwrap();
     let mut cfg = kube::Config::new(fake.url().parse().unwrap());
     cfg.default_namespace = NS.into();
     let client = kube::Client::try_from(cfg).unwrap();
@@ -153,9 +155,15 @@ async fn play_stage(fake: &FakeCluster, object: &str, iters: u64, first: bool) {
         .iter()
         .find(|p| p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1")
         .unwrap();
-    let mut log = String::from(" > padded vocab (size: 1505) with 31 dummy tokens (new size: 1536)\n");
+    let mut log =
+        String::from(" > padded vocab (size: 1505) with 31 dummy tokens (new size: 1536)\n");
     for it in 1..=iters {
-        log.push_str(&megatron_line(it, iters, 7.0 - it as f64 * 0.1, 1e-5 * it as f64));
+        log.push_str(&megatron_line(
+            it,
+            iters,
+            7.0 - it as f64 * 0.1,
+            1e-5 * it as f64,
+        ));
     }
     fake.append_log(NS, &name(last), &log);
     // The follower reads the lines while the pod still runs.
@@ -190,35 +198,60 @@ async fn a_two_stage_run_completes_with_progress_and_checkpoints() {
     assert_eq!(plan.stages.len(), 2);
     for s in &plan.stages {
         let js = eventually("the stage's JobSet", || {
-            fake.objects(JOBSETS).into_iter().find(|o| o["metadata"]["name"] == s.object.as_str())
+            fake.objects(JOBSETS)
+                .into_iter()
+                .find(|o| o["metadata"]["name"] == s.object.as_str())
         })
         .await;
-        assert_eq!(js["metadata"]["labels"][render::JOB_LABEL], j.job_id.as_str());
+        assert_eq!(
+            js["metadata"]["labels"][render::JOB_LABEL],
+            j.job_id.as_str()
+        );
         // Server-side apply, as a field manager.
         let applied = fake.requests().into_iter().any(|r| {
-            r.method == "PATCH" && r.path.ends_with(&s.object) && r.query.contains("fieldManager=davinci-trainer")
+            r.method == "PATCH"
+                && r.path.ends_with(&s.object)
+                && r.query.contains("fieldManager=davinci-trainer")
         });
         assert!(applied, "stage {} was not applied server-side", s.index);
         play_stage(&fake, &s.object, s.train_iters, s.index == 0).await;
         let done = eventually("Completed", || {
-            fake.objects(JOBSETS)
-                .into_iter()
-                .find(|o| o["metadata"]["name"] == s.object.as_str() && o["status"]["terminalState"] == "Completed")
+            fake.objects(JOBSETS).into_iter().find(|o| {
+                o["metadata"]["name"] == s.object.as_str()
+                    && o["status"]["terminalState"] == "Completed"
+            })
         })
         .await;
-        assert_eq!(done["status"]["conditions"][0]["reason"], "AllJobsCompleted");
+        assert_eq!(
+            done["status"]["conditions"][0]["reason"],
+            "AllJobsCompleted"
+        );
     }
     let end = wait_terminal(&svc, &j.job_id).await;
     assert_eq!(end.state, JobState::Succeeded as i32, "{end:?}");
-    let want: Vec<String> = plan.stages.iter().map(|s| format!("s3://davinci/runs/r1/checkpoints/{}", s.step_end)).collect();
+    let want: Vec<String> = plan
+        .stages
+        .iter()
+        .map(|s| format!("s3://davinci/runs/r1/checkpoints/{}", s.step_end))
+        .collect();
     assert_eq!(end.outputs, want);
     // Progress: the last iteration line of the last stage, as the job's global step.
-    assert_eq!((end.done, end.total), (plan.total_iters(), plan.total_iters()));
+    assert_eq!(
+        (end.done, end.total),
+        (plan.total_iters(), plan.total_iters())
+    );
     assert_eq!(end.counters.get("stages"), Some(&2));
     let cm = fake.objects("v1/configmaps").pop().unwrap();
-    assert_eq!(cm["metadata"]["annotations"][render::COMPLETED_ANNOTATION], "2");
-    let recorded: Vec<String> =
-        serde_json::from_str(cm["metadata"]["annotations"][render::CHECKPOINTS_ANNOTATION].as_str().unwrap()).unwrap();
+    assert_eq!(
+        cm["metadata"]["annotations"][render::COMPLETED_ANNOTATION],
+        "2"
+    );
+    let recorded: Vec<String> = serde_json::from_str(
+        cm["metadata"]["annotations"][render::CHECKPOINTS_ANNOTATION]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(recorded, want);
     fake.shutdown().await;
 }
@@ -228,7 +261,11 @@ async fn progress_comes_from_the_iteration_lines() {
     let (fake, client) = fake().await;
     let registry = JobRegistry::in_memory().await;
     let svc = TrainerService::new(registry.clone()).with_kube(client);
-    let j = start(&svc, spec("jobset", 0, Some(json!([{"name": "stage1", "lr": 8e-5}])))).await;
+    let j = start(
+        &svc,
+        spec("jobset", 0, Some(json!([{"name": "stage1", "lr": 8e-5}]))),
+    )
+    .await;
     let js = eventually("the JobSet", || fake.objects(JOBSETS).pop()).await;
     let object = js["metadata"]["name"].as_str().unwrap().to_string();
     let import = eventually("import", || pods_of(&fake, &object, "import").pop()).await;
@@ -254,7 +291,12 @@ async fn progress_comes_from_the_iteration_lines() {
     }
     let seen = seen.expect("iteration 3 reported as progress");
     assert_eq!(seen.total, 6);
-    assert!(seen.message.contains("stage1 iteration 3/6 loss 2.5000 lr 4.00e-5"), "{}", seen.message);
+    assert!(
+        seen.message
+            .contains("stage1 iteration 3/6 loss 2.5000 lr 4.00e-5"),
+        "{}",
+        seen.message
+    );
     fake.shutdown().await;
 }
 
@@ -281,12 +323,19 @@ async fn a_failing_stage_fails_the_job_after_its_restarts() {
         let nodes = eventually("nodes", || {
             let p: Vec<Value> = pods_of(&fake, &object, "node")
                 .into_iter()
-                .filter(|p| p["metadata"]["labels"]["jobset.sigs.k8s.io/restart-attempt"] == attempt.to_string().as_str())
+                .filter(|p| {
+                    p["metadata"]["labels"]["jobset.sigs.k8s.io/restart-attempt"]
+                        == attempt.to_string().as_str()
+                })
                 .collect();
             (p.len() == 2).then_some(p)
         })
         .await;
-        fake.append_log(NS, &name(&nodes[0]), "torch.OutOfMemoryError: CUDA out of memory.\n");
+        fake.append_log(
+            NS,
+            &name(&nodes[0]),
+            "torch.OutOfMemoryError: CUDA out of memory.\n",
+        );
         fake.finish_pod(NS, &name(&nodes[0]), 1);
     }
     let end = wait_terminal(&svc, &j.job_id).await;
@@ -294,7 +343,12 @@ async fn a_failing_stage_fails_the_job_after_its_restarts() {
     assert!(end.error.contains("ReachedMaxRestarts"), "{}", end.error);
     assert_eq!(end.counters.get("restarts"), Some(&1));
     let cm = fake.objects("v1/configmaps").pop().unwrap();
-    assert!(cm["metadata"]["annotations"]["davinci.dev/failed"].as_str().unwrap().contains("stage 0"));
+    assert!(
+        cm["metadata"]["annotations"]["davinci.dev/failed"]
+            .as_str()
+            .unwrap()
+            .contains("stage 0")
+    );
     fake.shutdown().await;
 }
 
@@ -306,14 +360,25 @@ async fn cancel_deletes_the_objects() {
     let js = eventually("the JobSet", || fake.objects(JOBSETS).pop()).await;
     let object = js["metadata"]["name"].as_str().unwrap().to_string();
     eventually("import", || pods_of(&fake, &object, "import").pop()).await;
-    svc.cancel_train(Request::new(JobRef { job_id: j.job_id.clone() })).await.unwrap();
+    svc.cancel_train(Request::new(JobRef {
+        job_id: j.job_id.clone(),
+    }))
+    .await
+    .unwrap();
     eventually("the objects gone", || {
-        (fake.objects(JOBSETS).is_empty() && fake.objects("v1/configmaps").is_empty() && fake.pods().is_empty()).then_some(())
+        (fake.objects(JOBSETS).is_empty()
+            && fake.objects("v1/configmaps").is_empty()
+            && fake.pods().is_empty())
+        .then_some(())
     })
     .await;
     let end = wait_terminal(&svc, &j.job_id).await;
     assert_eq!(end.state, JobState::Cancelled as i32);
-    let deletes = fake.requests().into_iter().filter(|r| r.method == "DELETE").count();
+    let deletes = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .count();
     assert_eq!(deletes, 2, "the JobSet and the ConfigMap");
     fake.shutdown().await;
 }
@@ -324,15 +389,23 @@ async fn a_restarted_trainer_reattaches_by_label() {
     // What a trainer killed during stage 1 leaves: the plan ConfigMap with stage 0 recorded
     // done, and stage 1's JobSet submitted.
     let s = spec("jobset", 3, None);
-    let plan = jobset::plan_from_spec(&s, "r1", "0123456789abcdef0123456789abcdef", &Default::default())
-        .await
-        .unwrap();
+    let plan = jobset::plan_from_spec(
+        &s,
+        "r1",
+        "0123456789abcdef0123456789abcdef",
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     let mut cm = render::config_map(&plan).unwrap();
     cm["metadata"]["annotations"][render::COMPLETED_ANNOTATION] = json!("1");
     cm["metadata"]["annotations"][render::CHECKPOINTS_ANNOTATION] =
         json!(serde_json::to_string(&[&plan.stages[0].checkpoint_uri]).unwrap());
-    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(client.clone(), NS);
-    cms.create(&Default::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(client.clone(), NS);
+    cms.create(&Default::default(), &serde_json::from_value(cm).unwrap())
+        .await
+        .unwrap();
     let js_api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
         client.clone(),
         NS,
@@ -342,15 +415,37 @@ async fn a_restarted_trainer_reattaches_by_label() {
         ),
     );
     let stage1 = render::jobset(&plan, &plan.stages[1]);
-    js_api.create(&Default::default(), &serde_json::from_value(stage1).unwrap()).await.unwrap();
+    js_api
+        .create(
+            &Default::default(),
+            &serde_json::from_value(stage1).unwrap(),
+        )
+        .await
+        .unwrap();
 
     let svc = TrainerService::new(JobRegistry::in_memory().await).with_kube(client);
     assert_eq!(svc.reattach(&[NS]).await.unwrap(), 1);
-    play_stage(&fake, &plan.stages[1].object, plan.stages[1].train_iters, false).await;
+    play_stage(
+        &fake,
+        &plan.stages[1].object,
+        plan.stages[1].train_iters,
+        false,
+    )
+    .await;
     let end = wait_terminal(&svc, &plan.job_id).await;
     assert_eq!(end.state, JobState::Succeeded as i32, "{end:?}");
-    assert_eq!(end.outputs, vec![plan.stages[0].checkpoint_uri.clone(), plan.stages[1].checkpoint_uri.clone()]);
-    assert_eq!(fake.objects(JOBSETS).len(), 1, "stage 0 was not submitted again");
+    assert_eq!(
+        end.outputs,
+        vec![
+            plan.stages[0].checkpoint_uri.clone(),
+            plan.stages[1].checkpoint_uri.clone()
+        ]
+    );
+    assert_eq!(
+        fake.objects(JOBSETS).len(),
+        1,
+        "stage 0 was not submitted again"
+    );
     // Nothing is left to re-attach to.
     assert_eq!(svc.reattach(&[NS]).await.unwrap(), 0);
     fake.shutdown().await;
@@ -360,7 +455,11 @@ async fn a_restarted_trainer_reattaches_by_label() {
 async fn a_trainjob_stage_completes() {
     let (fake, client) = fake().await;
     let svc = TrainerService::new(JobRegistry::in_memory().await).with_kube(client);
-    let j = start(&svc, spec("trainjob", 0, Some(json!([{"name": "stage2", "lr": 1e-5}])))).await;
+    let j = start(
+        &svc,
+        spec("trainjob", 0, Some(json!([{"name": "stage2", "lr": 1e-5}]))),
+    )
+    .await;
     let tj = eventually("the TrainJob", || fake.objects(TRAINJOBS).pop()).await;
     let object = tj["metadata"]["name"].as_str().unwrap().to_string();
     assert_eq!(tj["spec"]["trainer"]["numNodes"], 2);
@@ -370,7 +469,10 @@ async fn a_trainjob_stage_completes() {
         (p.len() == 2).then_some(p)
     })
     .await;
-    assert_eq!(nodes[0]["spec"]["containers"][0]["command"], json!(["bash", "/davinci/run.sh", "all"]));
+    assert_eq!(
+        nodes[0]["spec"]["containers"][0]["command"],
+        json!(["bash", "/davinci/run.sh", "all"])
+    );
     let last = nodes
         .iter()
         .find(|p| p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1")
