@@ -27,12 +27,9 @@ fn model(name: &str) -> Qwen2Config {
     Qwen2Config::from_json(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn manifest() -> (Manifest, serde_json::Value) {
-    let text = std::fs::read_to_string(fixtures().join("manifest-paper.json")).unwrap();
-    (
-        serde_json::from_str(&text).unwrap(),
-        serde_json::from_str(&text).unwrap(),
-    )
+fn manifest() -> Manifest {
+    let text = std::fs::read(fixtures().join("manifest-paper.json")).unwrap();
+    Manifest::from_json(&text).unwrap()
 }
 
 /// The paper's 72B cluster: 8 H100 nodes, TP 8 inside a node, PP 4 across nodes, DP 2.
@@ -86,7 +83,7 @@ fn train_config(m: &Manifest, global_batch: usize) -> TrainConfig {
 }
 
 fn plan(model_name: &str, cluster: &ClusterConfig, global_batch: usize) -> Plan {
-    let (m, raw) = manifest();
+    let m = manifest();
     let train = train_config(&m, global_batch);
     let model = model(model_name);
     jobset::plan(&PlanInput {
@@ -94,7 +91,6 @@ fn plan(model_name: &str, cluster: &ClusterConfig, global_batch: usize) -> Plan 
         job_id: "5f0c8a1e9b2d4c37a6e1f0b9c8d7e6a5",
         manifest_uri: "s3://davinci/runs/paper-72b/packed/manifest.json",
         manifest: &m,
-        manifest_json: &raw,
         model_uri: &format!("s3://davinci-models/Qwen2.5-{}", model_name.to_uppercase()),
         model: &model,
         out: "s3://davinci/runs/paper-72b",
@@ -252,7 +248,7 @@ fn megatron_args_for_0_5b_and_32b() {
 
 #[test]
 fn layouts_megatron_would_refuse_are_refused_here() {
-    let (m, raw) = manifest();
+    let m = manifest();
     let train = train_config(&m, 512);
     let model = model("72b");
     let try_with = |p: Parallelism, global: usize| {
@@ -265,7 +261,6 @@ fn layouts_megatron_would_refuse_are_refused_here() {
             job_id: "j",
             manifest_uri: "s3://b/m/manifest.json",
             manifest: &m,
-            manifest_json: &raw,
             model_uri: "s3://b/model",
             model: &model,
             out: "s3://b/runs/r",

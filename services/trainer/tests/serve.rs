@@ -105,7 +105,12 @@ async fn start_train_refuses_bad_requests_up_front() {
         )
         .await,
     );
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("Hugging Face model directory"),
+        "{}",
+        e.message()
+    );
     let e = code(
         start(
             &svc,

@@ -12,7 +12,7 @@ pub mod megatron;
 pub mod render;
 
 use crate::config::{Overrides, TrainConfig};
-use crate::data::Manifest;
+use crate::data::{Manifest, MaskMode};
 use anyhow::{Context, bail, ensure};
 use davinci_model::Qwen2Config;
 use davinci_proto::v1::TrainSpec;
@@ -143,8 +143,6 @@ pub struct PlanInput<'a> {
     /// URI of the manifest; shard prefixes are relative to its directory.
     pub manifest_uri: &'a str,
     pub manifest: &'a Manifest,
-    /// The manifest's raw JSON (its stages' `blend` strings).
-    pub manifest_json: &'a serde_json::Value,
     /// The Hugging Face base model directory (`s3://…` or a path the pods mount).
     pub model_uri: &'a str,
     pub model: &'a Qwen2Config,
@@ -284,10 +282,6 @@ pub fn plan(i: &PlanInput) -> anyhow::Result<Plan> {
     )?;
     let parallel_args = megatron::parallel_args(&c.parallel);
     let ckpt_root = format!("/ckpt/{name}");
-    let raw_stages = i.manifest_json["stages"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
     let mut stages = Vec::new();
     let mut step = 0u64;
     let mut load = format!("{ckpt_root}/megatron/base");
@@ -298,10 +292,7 @@ pub fn plan(i: &PlanInput) -> anyhow::Result<Plan> {
             .iter()
             .find(|s| s.name == sc.name)
             .with_context(|| format!("stage `{}` is not in the manifest", sc.name))?;
-        let blend = raw_stages
-            .iter()
-            .find(|s| s["name"] == sc.name.as_str())
-            .and_then(|s| s["blend"].as_str())
+        let blend = Some(entry.blend.as_str())
             .filter(|b| !b.trim().is_empty())
             .with_context(|| {
                 format!(
@@ -338,7 +329,7 @@ pub fn plan(i: &PlanInput) -> anyhow::Result<Plan> {
             seed: i.train.seed,
             save_interval: i.train.checkpoint_every.min(iters),
         };
-        let sft = entry.mask == "assistant-only";
+        let sft = entry.mask == MaskMode::AssistantOnly;
         let mut args = model_args.clone();
         args.extend(parallel_args.iter().cloned());
         args.extend(megatron::schedule_args(&schedule));
@@ -406,22 +397,14 @@ pub async fn plan_from_spec(
     );
     ensure!(!spec.out.is_empty(), "spec.out is required");
     ensure!(
-        !spec.model.is_empty(),
-        "spec.model (a Hugging Face model directory) is required by the jobset engine"
+        !spec.model.is_empty() && !spec.model.ends_with(".json"),
+        "the jobset engine starts from a Hugging Face model directory (config.json, tokenizer and weights) in spec.model, not `{}`",
+        spec.model
     );
     let (base, cluster) = split_config(&spec.config_json)?;
     let manifest_text = read_text(&spec.data, s3).await?;
-    let manifest_json: serde_json::Value = serde_json::from_str(&manifest_text)
-        .with_context(|| format!("{} is not JSON", spec.data))?;
-    let manifest: Manifest = serde_json::from_value(manifest_json.clone())
-        .with_context(|| format!("{} is not a packed-shards manifest", spec.data))?;
-    ensure!(
-        manifest.schema == crate::data::MANIFEST_SCHEMA,
-        "{}: schema `{}`, expected `{}`",
-        spec.data,
-        manifest.schema,
-        crate::data::MANIFEST_SCHEMA
-    );
+    let manifest =
+        Manifest::from_json(manifest_text.as_bytes()).with_context(|| spec.data.clone())?;
     let train = base.resolve(
         &manifest,
         &Overrides {
@@ -438,7 +421,6 @@ pub async fn plan_from_spec(
         job_id,
         manifest_uri: &spec.data,
         manifest: &manifest,
-        manifest_json: &manifest_json,
         model_uri,
         model: &model,
         out: &spec.out,
