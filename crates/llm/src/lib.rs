@@ -7,11 +7,18 @@
 //!   so a re-run costs no calls. The reconstructor stores them under `cache/llm/{sha256}.json`.
 //! - [`check_output`]: model output is untrusted; empty, refusing, garbage or over-long answers
 //!   are rejected so callers fall back to deterministic text.
+//! - [`tools`]: tool calling (`tools` / `tool_calls`, streamed or not) with a fallback for calls
+//!   written as text (Hermes, GLM-4.5).
+//!
+//! One [`ChatClient`] per endpoint: its clones share the endpoint's concurrency limit.
+pub mod tools;
+
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
+pub use tools::{CallSource, ChatMessage, FunctionCall, ToolCall, ToolRequest, Turn};
 
 /// Endpoint settings. The API key is read from the environment variable `api_key_env` so it is
 /// never part of a config file or run record.
@@ -29,6 +36,12 @@ pub struct ChatConfig {
     pub backoff_max_ms: u64,
     pub temperature: f32,
     pub max_tokens: u32,
+    /// Nucleus sampling; left to the server when unset.
+    pub top_p: Option<f32>,
+    /// Sampling seed (vLLM and SGLang honour it per request).
+    pub seed: Option<u64>,
+    /// Stream tool-calling answers (SSE) and assemble them here.
+    pub stream: bool,
 }
 
 impl Default for ChatConfig {
@@ -44,6 +57,9 @@ impl Default for ChatConfig {
             backoff_max_ms: 30_000,
             temperature: 0.0,
             max_tokens: 1024,
+            top_p: None,
+            seed: None,
+            stream: false,
         }
     }
 }
@@ -152,6 +168,52 @@ pub enum LlmError {
     Cache(String),
 }
 
+impl LlmError {
+    /// The server refused the prompt as longer than the model's context (vLLM: 400 "This
+    /// model's maximum context length is N tokens"; OpenAI: `context_length_exceeded`).
+    pub fn is_context_overflow(&self) -> bool {
+        match self {
+            LlmError::Status { status, body, .. } if *status == 400 || *status == 413 => {
+                let b = body.to_ascii_lowercase();
+                b.contains("context length")
+                    || b.contains("context_length_exceeded")
+                    || b.contains("maximum context")
+                    || b.contains("prompt is too long")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `null` reads as the default (servers send `"tool_calls": null`).
+pub(crate) fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Why reading a 2xx answer failed: worth another attempt or not.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    Transient(String),
+    Fatal(LlmError),
+}
+
+impl ReadError {
+    pub(crate) fn from_reqwest(e: reqwest::Error) -> Self {
+        if e.is_timeout() || e.is_body() || e.is_decode() {
+            ReadError::Transient(e.to_string())
+        } else {
+            ReadError::Fatal(LlmError::Transport {
+                attempts: 0,
+                message: e.to_string(),
+            })
+        }
+    }
+}
+
 /// An OpenAI-compatible chat client.
 #[derive(Debug, Clone)]
 pub struct ChatClient {
@@ -195,6 +257,14 @@ impl ChatClient {
         &self.cfg
     }
 
+    /// The same endpoint with another sampling seed, sharing this client's concurrency limit
+    /// (rollout `i` of a task samples with seed + i).
+    pub fn with_seed(&self, seed: Option<u64>) -> ChatClient {
+        let mut c = self.clone();
+        c.cfg.seed = seed;
+        c
+    }
+
     /// A request for this client's model with its sampling settings.
     pub fn request(&self, messages: Vec<Message>) -> ChatRequest {
         ChatRequest {
@@ -217,11 +287,38 @@ impl ChatClient {
 
     /// Sends `req`, retrying transient failures; holds one concurrency slot meanwhile.
     pub async fn complete(&self, req: &ChatRequest) -> Result<ChatCompletion, LlmError> {
+        let (c, _) = self
+            .post(req, |resp| async move {
+                let body = resp.text().await.map_err(ReadError::from_reqwest)?;
+                serde_json::from_str::<ChatCompletion>(&body).map_err(|e| {
+                    ReadError::Fatal(LlmError::BadResponse(format!(
+                        "{e}; body starts {:?}",
+                        head(&body)
+                    )))
+                })
+            })
+            .await?;
+        Ok(c)
+    }
+
+    /// POSTs `body` until a 2xx answer that `read` accepts, retrying 429, 408, 5xx, timeouts,
+    /// connection errors and answers cut short, with backoff (`Retry-After` honoured). Returns
+    /// the value and the number of attempts.
+    pub(crate) async fn post<B, T, F, Fut>(
+        &self,
+        body: &B,
+        mut read: F,
+    ) -> Result<(T, u32), LlmError>
+    where
+        B: Serialize + ?Sized,
+        F: FnMut(reqwest::Response) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ReadError>>,
+    {
         let _slot = self.slots.acquire().await.expect("semaphore never closed");
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let mut rb = self.http.post(&self.url).json(req);
+            let mut rb = self.http.post(&self.url).json(body);
             if let Some(k) = &self.key {
                 rb = rb.bearer_auth(k);
             }
@@ -235,7 +332,30 @@ impl ChatClient {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<f64>().ok())
                         .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0)));
-                    let body = match resp.text().await {
+                    if (200..300).contains(&status) {
+                        match read(resp).await {
+                            Ok(v) => return Ok((v, attempt)),
+                            Err(ReadError::Transient(m)) if !last => {
+                                tracing::warn!(attempt, error = %m, "LLM answer cut short, retrying");
+                                tokio::time::sleep(self.backoff(attempt - 1, None)).await;
+                                continue;
+                            }
+                            Err(ReadError::Transient(message)) => {
+                                return Err(LlmError::Transport {
+                                    attempts: attempt,
+                                    message,
+                                });
+                            }
+                            Err(ReadError::Fatal(LlmError::Transport { message, .. })) => {
+                                return Err(LlmError::Transport {
+                                    attempts: attempt,
+                                    message,
+                                });
+                            }
+                            Err(ReadError::Fatal(e)) => return Err(e),
+                        }
+                    }
+                    let text = match resp.text().await {
                         Ok(b) => b,
                         Err(e) if !last && (e.is_timeout() || e.is_body()) => {
                             tokio::time::sleep(self.backoff(attempt - 1, None)).await;
@@ -248,11 +368,6 @@ impl ChatClient {
                             });
                         }
                     };
-                    if (200..300).contains(&status) {
-                        return serde_json::from_str::<ChatCompletion>(&body).map_err(|e| {
-                            LlmError::BadResponse(format!("{e}; body starts {:?}", head(&body)))
-                        });
-                    }
                     if is_retryable(status) && !last {
                         tracing::warn!(status, attempt, "LLM request failed, retrying");
                         tokio::time::sleep(self.backoff(attempt - 1, retry_after)).await;
@@ -261,7 +376,7 @@ impl ChatClient {
                     return Err(LlmError::Status {
                         status,
                         attempts: attempt,
-                        body: head(&body).to_string(),
+                        body: head(&text).to_string(),
                     });
                 }
                 Err(e) => {
@@ -281,7 +396,7 @@ impl ChatClient {
     }
 }
 
-fn head(s: &str) -> &str {
+pub(crate) fn head(s: &str) -> &str {
     let mut end = s.len().min(300);
     while !s.is_char_boundary(end) {
         end -= 1;

@@ -171,18 +171,28 @@ enum Env {
     Image(String),
 }
 
-/// What running one instance gave.
-struct Ran {
-    status: Status,
-    error: Option<String>,
-    log: String,
-    report: InstanceReport,
-    image: Option<davinci_sandbox::ImageRecord>,
+/// What grading one patch gave.
+#[derive(Debug, Clone)]
+pub struct Graded {
+    pub status: Status,
+    pub error: Option<String>,
+    /// Setup, patch application and test output.
+    pub log: String,
+    pub report: InstanceReport,
+    pub image: Option<davinci_sandbox::ImageRecord>,
 }
 
-impl Ran {
-    fn new(status: Status, error: Option<String>, log: String, report: InstanceReport) -> Ran {
-        Ran {
+/// Why an instance's environment could not be opened: an infrastructure status and what
+/// failed.
+#[derive(Debug, Clone)]
+pub struct EnvError {
+    pub status: Status,
+    pub message: String,
+}
+
+impl Graded {
+    fn new(status: Status, error: Option<String>, log: String, report: InstanceReport) -> Graded {
+        Graded {
             status,
             error,
             log,
@@ -255,6 +265,75 @@ impl Harness {
         clone.is_dir().then_some((clone, true))
     }
 
+    /// Where `inst`'s environment comes from, or why there is none.
+    fn env_for(&self, inst: &TaskInstance) -> Result<Env, String> {
+        if self.sandbox.uses_images() {
+            Ok(Env::Image(instance_image(inst)))
+        } else if let Some((source, is_clone)) = self.source_for(inst) {
+            Ok(Env::Tree(source, is_clone))
+        } else {
+            let msg = match &self.cfg.repos_dir {
+                None => format!(
+                    "no environment for {}: no repos directory configured (--repos)",
+                    inst.instance_id
+                ),
+                Some(d) => format!(
+                    "no environment for {} under {} (expected `{}/` or `{}/`)",
+                    inst.instance_id,
+                    d.display(),
+                    inst.instance_id,
+                    inst.repo.replace('/', "__")
+                ),
+            };
+            Err(msg)
+        }
+    }
+
+    /// The sandbox workspaces are made in.
+    pub fn sandbox(&self) -> &Arc<dyn Sandbox> {
+        &self.sandbox
+    }
+
+    /// Grades `patch` on `inst` in a fresh workspace, as [`Harness::evaluate_one`] does, without
+    /// writing files (the rollout grader).
+    pub async fn grade(&self, inst: &TaskInstance, patch: &str) -> Graded {
+        let pred = Prediction {
+            instance_id: inst.instance_id.clone(),
+            model_patch: Some(patch.to_string()),
+            model_name_or_path: String::new(),
+        };
+        self.run_instance(inst, &pred).await
+    }
+
+    /// A workspace holding `inst`'s environment at its base commit with its setup done, the
+    /// state a prediction is applied to, for work other than grading (the rollout agent works
+    /// in one). Release it with the harness's sandbox.
+    pub async fn open_environment(&self, inst: &TaskInstance) -> Result<Workspace, EnvError> {
+        let infra = |status, message: String| EnvError { status, message };
+        let env = self
+            .env_for(inst)
+            .map_err(|m| infra(Status::InfraMissingEnvironment, m))?;
+        let (ws, is_clone) = self
+            .prepare(inst, env, Vec::new())
+            .await
+            .map_err(|e| infra(Status::InfraSandboxError, e.to_string()))?;
+        let mut log = String::new();
+        match self.set_up(&ws, inst, is_clone, &mut log).await {
+            Ok(None) => Ok(ws),
+            Ok(Some(failed)) => {
+                let _ = self.sandbox.release(ws).await;
+                Err(infra(
+                    failed.status,
+                    format!("{}: {}", failed.error.unwrap_or_default(), tail(&log)),
+                ))
+            }
+            Err(e) => {
+                let _ = self.sandbox.release(ws).await;
+                Err(infra(Status::InfraSandboxError, format!("{e:#}")))
+            }
+        }
+    }
+
     /// Evaluates one prediction; writes its files; returns its outcome.
     pub async fn evaluate_one(
         &self,
@@ -264,7 +343,7 @@ impl Harness {
         let dir = self.instance_dir(&pred.model_name_or_path, &inst.instance_id)?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let t = Instant::now();
-        let Ran {
+        let Graded {
             status,
             error,
             log,
@@ -291,7 +370,7 @@ impl Harness {
         Ok(outcome)
     }
 
-    async fn run_instance(&self, inst: &TaskInstance, pred: &Prediction) -> Ran {
+    async fn run_instance(&self, inst: &TaskInstance, pred: &Prediction) -> Graded {
         let not_applied = InstanceReport {
             patch_exists: true,
             ..Default::default()
@@ -302,37 +381,23 @@ impl Harness {
                     patch_is_none: true,
                     ..Default::default()
                 };
-                return Ran::new(Status::EmptyPatch, None, String::new(), r);
+                return Graded::new(Status::EmptyPatch, None, String::new(), r);
             }
             Some(p) if p.trim().is_empty() => {
-                return Ran::new(Status::EmptyPatch, None, String::new(), not_applied);
+                return Graded::new(Status::EmptyPatch, None, String::new(), not_applied);
             }
             Some(p) => p,
         };
-        let env = if self.sandbox.uses_images() {
-            Env::Image(instance_image(inst))
-        } else if let Some((source, is_clone)) = self.source_for(inst) {
-            Env::Tree(source, is_clone)
-        } else {
-            let msg = match &self.cfg.repos_dir {
-                None => format!(
-                    "no environment for {}: no repos directory configured (--repos)",
-                    inst.instance_id
-                ),
-                Some(d) => format!(
-                    "no environment for {} under {} (expected `{}/` or `{}/`)",
-                    inst.instance_id,
-                    d.display(),
-                    inst.instance_id,
-                    inst.repo.replace('/', "__")
-                ),
-            };
-            return Ran::new(
-                Status::InfraMissingEnvironment,
-                Some(msg),
-                String::new(),
-                not_applied,
-            );
+        let env = match self.env_for(inst) {
+            Ok(e) => e,
+            Err(msg) => {
+                return Graded::new(
+                    Status::InfraMissingEnvironment,
+                    Some(msg),
+                    String::new(),
+                    not_applied,
+                );
+            }
         };
         let image_name = match &env {
             Env::Image(i) => Some(i.clone()),
@@ -341,7 +406,7 @@ impl Harness {
         match self.run_in_sandbox(inst, patch, env).await {
             Ok(r) => r,
             Err(e) => {
-                let mut r = Ran::new(
+                let mut r = Graded::new(
                     Status::InfraSandboxError,
                     Some(format!("{e:#}")),
                     String::new(),
@@ -357,12 +422,14 @@ impl Harness {
         }
     }
 
-    async fn run_in_sandbox(
+    /// A fresh workspace of `env` with `files` written into it; whether it is a clone to
+    /// check out.
+    async fn prepare(
         &self,
         inst: &TaskInstance,
-        patch: &str,
         env: Env,
-    ) -> anyhow::Result<Ran> {
+        files: Vec<(String, Vec<u8>)>,
+    ) -> Result<(Workspace, bool), davinci_sandbox::SandboxError> {
         let (source, image, is_clone) = match env {
             Env::Tree(p, is_clone) => (Some(p), None, is_clone),
             Env::Image(i) => (None, Some(i), false),
@@ -373,18 +440,29 @@ impl Harness {
                 source,
                 image,
                 task: Some(inst.instance_id.clone()),
-                files: vec![
-                    (
-                        ".davinci-eval/model.patch".into(),
-                        patch.as_bytes().to_vec(),
-                    ),
-                    (
-                        ".davinci-eval/test.patch".into(),
-                        inst.test_patch.as_bytes().to_vec(),
-                    ),
-                ],
+                files,
             })
             .await?;
+        Ok((ws, is_clone))
+    }
+
+    async fn run_in_sandbox(
+        &self,
+        inst: &TaskInstance,
+        patch: &str,
+        env: Env,
+    ) -> anyhow::Result<Graded> {
+        let files = vec![
+            (
+                ".davinci-eval/model.patch".into(),
+                patch.as_bytes().to_vec(),
+            ),
+            (
+                ".davinci-eval/test.patch".into(),
+                inst.test_patch.as_bytes().to_vec(),
+            ),
+        ];
+        let (ws, is_clone) = self.prepare(inst, env, files).await?;
         let r = self.grade_in(&ws, inst, patch, is_clone).await;
         let image = ws.image.clone();
         if let Err(e) = self.sandbox.release(ws).await {
@@ -395,19 +473,19 @@ impl Harness {
         Ok(r)
     }
 
-    /// Applies the patches, runs the tests and grades, in a prepared workspace.
-    async fn grade_in(
+    /// Checks out the base commit (a clone) and runs the instance's setup script; `Some` is
+    /// the infrastructure failure that stopped it.
+    async fn set_up(
         &self,
         ws: &Workspace,
         inst: &TaskInstance,
-        patch: &str,
         is_clone: bool,
-    ) -> anyhow::Result<Ran> {
-        let not_applied = InstanceReport {
+        log: &mut String,
+    ) -> anyhow::Result<Option<Graded>> {
+        let not_applied = || InstanceReport {
             patch_exists: true,
             ..Default::default()
         };
-        let mut log = String::new();
         let mut setup = String::new();
         if is_clone {
             setup.push_str(&format!(
@@ -430,21 +508,40 @@ impl Harness {
                 .await?;
             log.push_str(&st.log);
             if st.stop == StopReason::WallTimeout || st.stop == StopReason::CpuTimeLimit {
-                return Ok(Ran::new(
+                return Ok(Some(Graded::new(
                     Status::InfraSetupTimeout,
                     Some("setup timed out".into()),
-                    log,
-                    not_applied,
-                ));
+                    log.clone(),
+                    not_applied(),
+                )));
             }
             if st.exit != Some(0) {
-                return Ok(Ran::new(
+                return Ok(Some(Graded::new(
                     Status::InfraSetupFailed,
                     Some(format!("setup exited with {:?} ({:?})", st.exit, st.stop)),
-                    log,
-                    not_applied,
-                ));
+                    log.clone(),
+                    not_applied(),
+                )));
             }
+        }
+        Ok(None)
+    }
+
+    /// Applies the patches, runs the tests and grades, in a prepared workspace.
+    async fn grade_in(
+        &self,
+        ws: &Workspace,
+        inst: &TaskInstance,
+        patch: &str,
+        is_clone: bool,
+    ) -> anyhow::Result<Graded> {
+        let not_applied = InstanceReport {
+            patch_exists: true,
+            ..Default::default()
+        };
+        let mut log = String::new();
+        if let Some(failed) = self.set_up(ws, inst, is_clone, &mut log).await? {
+            return Ok(failed);
         }
         // The official harness's three attempts, in order.
         let apply = format!(
@@ -463,7 +560,7 @@ impl Harness {
         log.push_str(&st.log);
         if st.exit != Some(0) {
             let report = grade_log(inst, Some(patch), &log)?;
-            return Ok(Ran::new(Status::PatchFailed, None, log, report));
+            return Ok(Graded::new(Status::PatchFailed, None, log, report));
         }
         let eval = format!(
             "cd {mp}\ngit apply -v .davinci-eval/test.patch || {{ echo 'test patch failed'; exit 97; }}\n\
@@ -476,7 +573,7 @@ impl Harness {
         let st = self.step(ws, &eval, self.cfg.test_timeout, false).await?;
         log.push_str(&st.log);
         if st.exit == Some(97) && st.log.contains("test patch failed") {
-            return Ok(Ran::new(
+            return Ok(Graded::new(
                 Status::InfraTestPatchFailed,
                 Some("the instance's test patch does not apply".into()),
                 log,
@@ -492,7 +589,7 @@ impl Harness {
         } else {
             Status::Unresolved
         };
-        Ok(Ran::new(status, None, log, report))
+        Ok(Graded::new(status, None, log, report))
     }
 
     /// Evaluates all predictions with `workers` in parallel, skipping finished ones, and
@@ -585,4 +682,13 @@ pub fn status_name(s: Status) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// The last 2,000 bytes of a log, for error messages.
+fn tail(log: &str) -> &str {
+    let mut start = log.len().saturating_sub(2000);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    &log[start..]
 }

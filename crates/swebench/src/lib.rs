@@ -10,4 +10,4 @@ pub mod specs;
 
 pub use data::{Prediction, load_instances, load_predictions};
 pub use grading::{InstanceReport, grade_log, report_json};
-pub use harness::{Harness, HarnessConfig, Outcome, Status, Summary};
+pub use harness::{EnvError, Graded, Harness, HarnessConfig, Outcome, Status, Summary};

@@ -1,8 +1,13 @@
-//! Starts real redis-server and an S3-compatible server (moto) on free loopback ports for tests.
+//! Starts real redis-server and an S3-compatible server (moto) on free loopback ports for tests;
+//! [`vllm`] is a local server speaking vLLM's chat API, [`tasks`] builds executable task
+//! fixtures.
 //!
 //! Every server runs as a child process in its own process group and is killed (the whole
 //! group) when its handle is dropped, so a failing test does not leak servers. A missing server
 //! binary is an error that tells the developer how to install it: tests never skip silently.
+pub mod tasks;
+pub mod vllm;
+
 use anyhow::{Context, Result, anyhow, bail};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;

@@ -359,8 +359,7 @@ mod tests {
             role: role.into(),
             content: Some(c.into()),
             tool_calls: vec![],
-            tool_call_id: None,
-            name: None,
+            ..Default::default()
         }
     }
 
@@ -396,6 +395,7 @@ mod tests {
                 tests: Default::default(),
             },
             n_tokens: None,
+            run: None,
             metadata: Default::default(),
         }
     }

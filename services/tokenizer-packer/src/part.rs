@@ -13,7 +13,7 @@ use crate::mixture::Mixture;
 use crate::shards::Doc;
 use anyhow::Context;
 use davinci_core::sample::{Sample, SampleSource};
-use davinci_core::traj::Trajectory;
+use davinci_core::traj::{MAX_TRAJECTORY_TOKENS, Trajectory};
 use davinci_tokenize::Tokenizer;
 use davinci_tokenize::chat::{self, MaskMode};
 use rayon::prelude::*;
@@ -98,6 +98,9 @@ fn prepare(tok: &Tokenizer, line: &str, spec: &MapSpec) -> Prepared {
         let mut docs = Vec::new();
         for &m in modes {
             match chat::tokenize_rendered(tok, &r, m) {
+                Ok((ids, _)) if ids.len() > MAX_TRAJECTORY_TOKENS => {
+                    return Prepared::Dropped("trajectory_too_long");
+                }
                 Ok((mut ids, mut mask)) => {
                     ids.push(eod);
                     mask.push(u8::from(m == MaskMode::All));
@@ -414,6 +417,31 @@ impl<R: Read> PartReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trajectories_over_the_cap_are_dropped() {
+        let tok = Tokenizer::from_file(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../crates/tokenize/tests/fixtures/tiny-qwen-shape.json"
+        ))
+        .unwrap();
+        let spec = MapSpec::new(&tok, "tiny", &Mixture::default(), 0);
+        let traj = |words: usize| {
+            serde_json::json!({"schema": "davinci.traj/v1", "id": "t", "task_id": "x", "model": "m",
+                "tools": [], "outcome": {"resolved": true, "exit_status": "submitted"},
+                "messages": [{"role": "user", "content": "fix"},
+                    {"role": "assistant", "content": " a".repeat(words)}]})
+            .to_string()
+        };
+        match prepare(&tok, &traj(1_000), &spec) {
+            Prepared::Docs(SampleSource::EnvPass, docs) => assert!(!docs.is_empty()),
+            _ => panic!("a short trajectory is kept"),
+        }
+        match prepare(&tok, &traj(MAX_TRAJECTORY_TOKENS + 10), &spec) {
+            Prepared::Dropped(r) => assert_eq!(r, "trajectory_too_long"),
+            _ => panic!("a trajectory over the cap is dropped"),
+        }
+    }
 
     #[test]
     fn a_part_decodes_to_the_events_it_was_written_from() {

@@ -43,8 +43,7 @@ fn traj(i: usize, resolved: bool) -> String {
         role: role.into(),
         content: Some(c),
         tool_calls: vec![],
-        tool_call_id: None,
-        name: None,
+        ..Default::default()
     };
     serde_json::to_string(&Trajectory {
         schema: "davinci.traj/v1".into(),
@@ -64,6 +63,7 @@ fn traj(i: usize, resolved: bool) -> String {
             tests: Default::default(),
         },
         n_tokens: None,
+        run: None,
         metadata: Default::default(),
     })
     .unwrap()

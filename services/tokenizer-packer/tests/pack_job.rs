@@ -29,8 +29,7 @@ fn traj(i: usize, resolved: bool) -> Trajectory {
         role: role.into(),
         content: Some(c),
         tool_calls: vec![],
-        tool_call_id: None,
-        name: None,
+        ..Default::default()
     };
     Trajectory {
         schema: "davinci.traj/v1".into(),
@@ -48,6 +47,7 @@ fn traj(i: usize, resolved: bool) -> Trajectory {
             tests: Default::default(),
         },
         n_tokens: None,
+        run: None,
         metadata: Default::default(),
     }
 }
