@@ -5,6 +5,8 @@
 #
 #   scripts/build_sandbox_image.sh            prints the image tag (builds it when absent)
 #   DAVINCI_SANDBOX_IMAGE=<tag> overrides the tag (then the image must exist)
+#   DAVINCI_BASE_NAME / DAVINCI_BASE_ROOTS: another image name and package set from the same
+#   recipe (scripts/build_image.sh makes davinci's runtime base this way)
 #
 # Needs dpkg (a Debian or Ubuntu host) and a Docker Engine.
 set -euo pipefail
@@ -15,14 +17,14 @@ if [ -n "${DAVINCI_SANDBOX_IMAGE:-}" ]; then
   exit 0
 fi
 
-ROOTS=(bash dash coreutils python3 git patch grep sed findutils diffutils procps util-linux tar gzip)
+read -ra ROOTS <<<"${DAVINCI_BASE_ROOTS:-bash dash coreutils python3 git patch grep sed findutils diffutils procps util-linux tar gzip}"
 command -v docker >/dev/null || { echo "docker CLI not found" >&2; exit 2; }
 command -v dpkg-query >/dev/null || { echo "dpkg-query not found: needs a Debian host" >&2; exit 2; }
 
 # The tag hashes the host's package database and this script: cheap to compute, and any
 # package change or script change builds a new image.
-hash=$(cat /var/lib/dpkg/status "$0" | sha256sum | cut -c1-12)
-tag="davinci-sandbox-base:$hash"
+hash=$( (cat /var/lib/dpkg/status "$0"; printf %s "${DAVINCI_BASE_ROOTS:-}") | sha256sum | cut -c1-12)
+tag="${DAVINCI_BASE_NAME:-davinci-sandbox-base}:$hash"
 if docker image inspect "$tag" >/dev/null 2>&1; then
   echo "$tag"
   exit 0
@@ -71,6 +73,10 @@ done | sort -u >"$list"
 for f in /etc/alternatives/* /usr/bin/python3 /usr/bin/awk /usr/bin/pager; do
   [ -e "$f" ] || [ -L "$f" ] && echo "${f#/}"
 done >>"$list"
+# ca-certificates' bundle and hash links are made by update-ca-certificates, not shipped.
+if [ -n "${seen[ca-certificates]:-}" ]; then
+  find /etc/ssl/certs -maxdepth 1 \( -type f -o -type l \) | sed 's|^/||' >>"$list"
+fi
 
 root="$work/root"
 mkdir -p "$root"/{etc,tmp,root,testbed,dev,proc,sys,run,var/tmp,home}

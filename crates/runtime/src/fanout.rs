@@ -345,6 +345,15 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let mut done = 0u64;
+    // Sampled while this worker runs, however it returns.
+    let gauges = shutdown.child_token();
+    tokio::spawn(crate::queue::sample_gauges(
+        queue.clone(),
+        topic.to_string(),
+        GAUGE_EVERY,
+        gauges.clone(),
+    ));
+    let _stop_gauges = gauges.drop_guard();
     while !shutdown.is_cancelled() {
         let delivery = tokio::select! {
             d = queue.receive(topic, consumer, Duration::from_secs(2)) => d?,
@@ -392,6 +401,9 @@ where
     }
     Ok(done)
 }
+
+/// How often a worker samples its topic's backlog and dead letters for Prometheus.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
 
 /// Extends `d`'s lease every third of the visibility timeout until `stop`.
 async fn heartbeat(queue: Arc<dyn WorkQueue>, d: Delivery, stop: CancellationToken) {

@@ -396,7 +396,7 @@ impl JobRegistry {
                 cancel: cancel.clone(),
             },
         );
-        metrics::counter!("davinci_jobs_created_total", "kind" => kind.to_string()).increment(1);
+        job_metrics::created(kind);
         Ok(JobHandle {
             registry: self.clone(),
             id,
@@ -622,6 +622,7 @@ impl JobHandle {
     pub async fn progress(&self, done: u64, total: u64, message: &str) {
         self.registry
             .update(&self.id, |j| {
+                job_metrics::progress(&j.kind, done, total);
                 j.done = done;
                 j.total = total;
                 j.message = message.to_string();
@@ -633,6 +634,7 @@ impl JobHandle {
     pub async fn count(&self, name: &str, n: u64) {
         self.registry
             .update(&self.id, |j| {
+                job_metrics::counted(&j.kind, name, n);
                 *j.counters.entry(name.to_string()).or_default() += n
             })
             .await;
@@ -640,15 +642,10 @@ impl JobHandle {
 
     /// Ends the job; later updates are ignored.
     pub async fn finish(&self, state: JobState, error: String, outputs: Vec<String>) {
-        let kind = self
-            .registry
-            .get(&self.id)
-            .await
-            .map(|j| j.kind)
-            .unwrap_or_default();
-        metrics::counter!("davinci_jobs_finished_total", "kind" => kind, "state" => state.as_str_name().to_lowercase()).increment(1);
         self.registry
             .update(&self.id, |j| {
+                // Inside the update, which skips jobs already finished: counted once.
+                job_metrics::finished(&j.kind, state);
                 j.state = state as i32;
                 j.message = state
                     .as_str_name()
@@ -658,5 +655,46 @@ impl JobHandle {
                 j.outputs = outputs;
             })
             .await;
+    }
+}
+
+/// Prometheus series of the jobs of this process, by job kind (`run`, `crawl`, `pack`, …).
+mod job_metrics {
+    use davinci_proto::v1::JobState;
+
+    pub fn created(kind: &str) {
+        metrics::counter!("davinci_jobs_created_total", "kind" => kind.to_string()).increment(1);
+        metrics::gauge!("davinci_jobs_active", "kind" => kind.to_string()).increment(1.0);
+    }
+
+    pub fn finished(kind: &str, state: JobState) {
+        let state = state
+            .as_str_name()
+            .trim_start_matches("JOB_STATE_")
+            .to_lowercase();
+        metrics::counter!("davinci_jobs_finished_total", "kind" => kind.to_string(), "state" => state)
+            .increment(1);
+        metrics::gauge!("davinci_jobs_active", "kind" => kind.to_string()).decrement(1.0);
+    }
+
+    /// The latest job of a kind sets its kind's progress (one run at a time is the common case).
+    pub fn progress(kind: &str, done: u64, total: u64) {
+        if total > 0 {
+            metrics::gauge!("davinci_jobs_progress_ratio", "kind" => kind.to_string())
+                .set(done.min(total) as f64 / total as f64);
+        }
+    }
+
+    /// Job counters: `drop.<reason>` and `<format>.drop.<reason>` count dropped records by
+    /// reason, every other name (`records_out`, `shards`, …) counts as itself.
+    pub fn counted(kind: &str, name: &str, n: u64) {
+        match name.rsplit_once("drop.") {
+            Some((prefix, reason)) if prefix.is_empty() || prefix.ends_with('.') => {
+                metrics::counter!("davinci_jobs_dropped_total", "kind" => kind.to_string(), "reason" => reason.to_string())
+                    .increment(n)
+            }
+            _ => metrics::counter!("davinci_jobs_counted_total", "kind" => kind.to_string(), "name" => name.to_string())
+                .increment(n),
+        }
     }
 }

@@ -150,6 +150,42 @@ pub trait WorkQueue: Send + Sync + std::fmt::Debug {
     async fn dead_letters(&self, topic: &str) -> QueueResult<Vec<DeadLetter>>;
     /// Items published and not yet acked or dead-lettered (waiting, in flight or delayed).
     async fn backlog(&self, topic: &str) -> QueueResult<u64>;
+    /// How many items `{topic}:dlq` holds.
+    async fn dead_letter_count(&self, topic: &str) -> QueueResult<u64> {
+        Ok(self.dead_letters(topic).await?.len() as u64)
+    }
+}
+
+/// Keeps the gauges `davinci_queue_backlog_items` and `davinci_queue_dead_letters_items` of
+/// `topic` current, sampling every `every` until `stop` (a queue outage skips a sample).
+pub async fn sample_gauges(
+    queue: Arc<dyn WorkQueue>,
+    topic: String,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match (
+            queue.backlog(&topic).await,
+            queue.dead_letter_count(&topic).await,
+        ) {
+            (Ok(backlog), Ok(dead)) => {
+                metrics::gauge!("davinci_queue_backlog_items", "topic" => topic.clone())
+                    .set(backlog as f64);
+                metrics::gauge!("davinci_queue_dead_letters_items", "topic" => topic.clone())
+                    .set(dead as f64);
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(topic, error = %e, "sampling the queue gauges failed")
+            }
+        }
+    }
 }
 
 impl ClaimCheck {

@@ -109,10 +109,21 @@ pub fn init(service: &str, format: LogFormat, level: &str) -> anyhow::Result<Tel
     Ok(TelemetryGuard { provider })
 }
 
+/// Buckets of every `*_seconds` histogram, from a fast RPC to a long job step.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 1800.0,
+];
+
 /// Serves Prometheus `/metrics` on `listen` for every `metrics::` macro in the process.
+/// Histograms are exported as buckets (not summaries), so `histogram_quantile` can aggregate
+/// them across replicas.
 pub fn install_metrics(listen: SocketAddr) -> anyhow::Result<()> {
+    use metrics_exporter_prometheus::Matcher;
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(listen)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .map_err(|e| anyhow::anyhow!("histogram buckets: {e}"))?
         .install()
         .map_err(|e| anyhow::anyhow!("starting /metrics on {listen}: {e}"))
 }

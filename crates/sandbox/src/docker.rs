@@ -658,6 +658,7 @@ impl DockerSandbox {
                 "sandbox sweep removed containers"
             );
         }
+        report.record("docker");
         Ok(report)
     }
 

@@ -577,6 +577,7 @@ impl KubeSandbox {
                 Err(e) => report.failed.push((name, e.to_string())),
             }
         }
+        report.record("kubernetes");
         Ok(report)
     }
 

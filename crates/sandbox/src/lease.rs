@@ -144,6 +144,23 @@ pub struct SweepReport {
     pub failed: Vec<(String, String)>,
 }
 
+impl SweepReport {
+    /// Counts what the sweep reclaimed in `davinci_sandbox_reclaimed_total{backend, reason}`
+    /// (`expired`: a lease ran out with no owner to remove it, i.e. a leak; `predecessor`: left
+    /// by a restarted worker; `failed`: could not be removed) and sets `davinci_sandbox_managed`.
+    pub fn record(&self, backend: &'static str) {
+        for (reason, n) in [
+            ("expired", self.expired.len()),
+            ("predecessor", self.predecessors.len()),
+            ("failed", self.failed.len()),
+        ] {
+            metrics::counter!("davinci_sandbox_reclaimed_total", "backend" => backend, "reason" => reason)
+                .increment(n as u64);
+        }
+        metrics::gauge!("davinci_sandbox_managed", "backend" => backend).set(self.seen as f64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

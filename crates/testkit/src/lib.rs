@@ -497,3 +497,160 @@ mod tests {
         assert!(!http_answers(port), "moto still answers after drop");
     }
 }
+
+/// A Prometheus server (Debian's `prometheus`) on a free loopback port scraping `scrape_configs`
+/// (the YAML list of a prometheus.yml's `scrape_configs:`), its TSDB in a temp dir.
+#[derive(Debug)]
+pub struct PrometheusServer {
+    process: GroupChild,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PrometheusServer {
+    /// Whether a `prometheus` binary is on PATH.
+    pub fn available() -> bool {
+        which("prometheus").is_some()
+    }
+
+    /// Starts the server with a 1 s scrape interval and waits until `/-/ready` answers 200.
+    pub fn start(scrape_configs: &str) -> Result<Self> {
+        let binary = which("prometheus").ok_or_else(|| {
+            anyhow!("`prometheus` is not on PATH; {INSTALL_HINT} (Debian package prometheus)")
+        })?;
+        let mut last_err = None;
+        for _ in 0..START_ATTEMPTS {
+            let dir = tempfile::Builder::new()
+                .prefix("davinci-prometheus-")
+                .tempdir()?;
+            let config = dir.path().join("prometheus.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{scrape_configs}"
+                ),
+            )?;
+            let port = free_port()?;
+            let mut cmd = Command::new(&binary);
+            cmd.current_dir(dir.path())
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("tsdb").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+            let log = dir.path().join("prometheus.log");
+            let mut process = GroupChild::spawn("prometheus", cmd, &log)?;
+            let ready = || http_status(port, "/-/ready") == Some(200);
+            match wait_ready(&mut process, Duration::from_secs(30), ready) {
+                Ok(()) => return Ok(Self { process, port, dir }),
+                Err(e) => {
+                    last_err = Some(e.context(format!(
+                        "prometheus on port {port}; log tail:\n{}",
+                        log_tail(&log)
+                    )))
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow!("prometheus did not start")))
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The body of `GET {path}?{query}` on the HTTP API, the query's values percent-encoded.
+    pub fn get(&self, path: &str, query: &[(&str, &str)]) -> Result<String> {
+        let q: Vec<String> = query
+            .iter()
+            .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+            .collect();
+        let (status, body) = http_get(self.port, &format!("{path}?{}", q.join("&")))?;
+        if status != 200 {
+            bail!("GET {path} {query:?}: HTTP {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        self.process.kill();
+    }
+}
+
+/// Every byte but unreserved ASCII as `%XX` (RFC 3986).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// (status, body) of a plain HTTP/1.1 GET on loopback.
+fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        Duration::from_secs(2),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP response from port {port}"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let body = &raw[split + 4..];
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no status line from port {port}: {head}"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
+    Ok((status, String::from_utf8_lossy(&body).to_string()))
+}
+
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path).ok().map(|(s, _)| s)
+}
+
+/// The body of a chunked HTTP response.
+fn dechunk(mut s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&s[..eol]);
+        let Ok(n) = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16) else {
+            break;
+        };
+        let rest = &s[eol + 2..];
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.extend_from_slice(&rest[..n]);
+        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}

@@ -186,6 +186,8 @@ impl GithubClient {
     ) -> Result<Self> {
         url::Url::parse(&cfg.api_url)
             .with_context(|| format!("bad GitHub API URL `{}`", cfg.api_url))?;
+        // Served from the start (at 0), so an alert on its increase has a series to watch.
+        metrics::counter!("davinci_crawler_github_budget_waits_total").increment(0);
         let http = reqwest::Client::builder()
             .user_agent(cfg.user_agent.clone())
             .timeout(Duration::from_secs(60))
@@ -311,6 +313,7 @@ impl GithubClient {
                 );
             }
             self.stats.budget_waits.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("davinci_crawler_github_budget_waits_total").increment(1);
             tracing::info!(
                 wait_s = wait.as_secs(),
                 "all GitHub tokens spent; waiting for the window to reset"

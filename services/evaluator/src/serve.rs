@@ -101,6 +101,12 @@ fn reporter(
     (tx, task)
 }
 
+/// The latest score of a benchmark, for the evaluator dashboard.
+fn score(benchmark: &str, score: &str, value: f64) {
+    metrics::gauge!("davinci_evaluator_score_ratio", "benchmark" => benchmark.to_string(), "score" => score.to_string())
+        .set(value);
+}
+
 async fn run_swe_bench(
     cfg: ServeConfig,
     spec: EvalSpec,
@@ -143,6 +149,13 @@ async fn run_swe_bench(
     let _ = task.await;
     let summary = summary?;
     handle.count("resolved", summary.resolved as u64).await;
+    if !preds.is_empty() {
+        score(
+            "swe-bench",
+            "resolved",
+            summary.resolved as f64 / preds.len() as f64,
+        );
+    }
     Ok(vec![out.join("summary.json").display().to_string()])
 }
 
@@ -174,6 +187,9 @@ async fn run_humaneval(
     drop(tx);
     let _ = task.await;
     let (results, report) = res?;
+    for (k, v) in &report.base {
+        score(&spec.benchmark, k, *v);
+    }
     let out = PathBuf::from(&spec.out);
     std::fs::create_dir_all(&out)?;
     let mut text = String::new();

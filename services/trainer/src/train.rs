@@ -346,6 +346,8 @@ pub fn train(
             (model, opt, state, None)
         }
     };
+    // For MFU on the dashboards: 6 x parameters x tokens/s over the GPUs' peak FLOP/s.
+    metrics::gauge!("davinci_trainer_model_parameters").set(model.config.num_parameters() as f64);
     tracing::info!(
         parameters = model.config.num_parameters(),
         total_steps,

@@ -453,6 +453,14 @@ impl WorkQueue for RedisQueue {
         self.fail(delivery, error, 0, 0).await
     }
 
+    async fn dead_letter_count(&self, topic: &str) -> QueueResult<u64> {
+        validate_topic(topic)?;
+        let mut con = self.con.clone();
+        con.xlen(keys(topic).dlq)
+            .await
+            .map_err(|e| self.err("dead_letter_count", topic, e))
+    }
+
     async fn dead_letters(&self, topic: &str) -> QueueResult<Vec<DeadLetter>> {
         validate_topic(topic)?;
         let mut con = self.con.clone();
