@@ -162,3 +162,51 @@ async fn redis_registry_lifecycle_restart_and_cross_replica_reads() {
         .unwrap();
     assert_eq!(evs.last().unwrap().state, JobState::Succeeded as i32);
 }
+
+/// The Prometheus series of a job's life: created, active while it runs, its progress, drops
+/// by reason and other counters, finished once with its state.
+#[test]
+fn job_metrics_follow_the_job() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    // A current-thread runtime keeps every metric call on this thread's local recorder.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (during, after) = metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let reg = JobRegistry::in_memory().await;
+            let h = reg.create("pack", "r", "{}".into()).await.unwrap();
+            h.progress(1, 4, "one").await;
+            h.count("drop.too_long", 2).await;
+            h.count("ctx-python.drop.near_dup", 1).await;
+            h.count("records_out", 5).await;
+            let during = handle.render();
+            h.finish(JobState::Succeeded, String::new(), vec![]).await;
+            // Ignored: the job already finished.
+            h.finish(JobState::Failed, "late".into(), vec![]).await;
+            (during, handle.render())
+        })
+    });
+    for line in [
+        r#"davinci_jobs_created_total{kind="pack"} 1"#,
+        r#"davinci_jobs_active{kind="pack"} 1"#,
+        r#"davinci_jobs_progress_ratio{kind="pack"} 0.25"#,
+        r#"davinci_jobs_dropped_total{kind="pack",reason="too_long"} 2"#,
+        r#"davinci_jobs_dropped_total{kind="pack",reason="near_dup"} 1"#,
+        r#"davinci_jobs_counted_total{kind="pack",name="records_out"} 5"#,
+    ] {
+        assert!(
+            during.lines().any(|l| l == line),
+            "no `{line}` in:\n{during}"
+        );
+    }
+    for line in [
+        r#"davinci_jobs_active{kind="pack"} 0"#,
+        r#"davinci_jobs_finished_total{kind="pack",state="succeeded"} 1"#,
+    ] {
+        assert!(after.lines().any(|l| l == line), "no `{line}` in:\n{after}");
+    }
+    assert!(!after.contains(r#"state="failed""#), "{after}");
+}

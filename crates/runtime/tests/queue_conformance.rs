@@ -588,6 +588,9 @@ fn counted_metrics(b: &Backend) -> String {
             let slow = recv(&q, "m", "c", Duration::from_secs(3)).await.unwrap();
             assert_eq!((slow.payload.as_slice(), slow.attempt), (&b"slow"[..], 2));
             q.ack(&slow).await.unwrap();
+            // What the dashboards' dead-letter gauge reads.
+            assert_eq!(q.dead_letter_count("m").await.unwrap(), 1);
+            assert_eq!(q.dead_letter_count("never-used").await.unwrap(), 0);
         })
     });
     handle.render()
