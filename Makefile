@@ -41,9 +41,10 @@ $(VENV)/bin/.helm-sdkpy: $(VENV)/bin/kubernetes-validate
 	$(VENV)/bin/pip install -q --ignore-requires-python 'helm-sdkpy==0.1.32' 'cffi>=1.15' 'PyYAML>=6'
 	touch $@
 
-sandbox-image: ## build the container sandbox's base image from host packages (cached by tag)
+sandbox-image: ## build the container sandbox's and davinci image's base images from host packages (cached by tag)
 	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then \
 	  scripts/build_sandbox_image.sh; \
+	  scripts/build_image.sh --base; \
 	elif [ "$$CI" = true ]; then \
 	  echo "the Docker Engine is required under CI=true (sandbox tests)" >&2; exit 1; \
 	else \
