@@ -8,6 +8,10 @@ Usage:
       rows; row 0 holds two documents, row 1 one document and padding) and `reference.safetensors`
       (logits of every position, `grad.<param>` for every parameter) plus `reference.json` (loss).
       OUT_DIR defaults to crates/model/tests/fixtures.
+  scripts/gen_model_fixtures.py gen-generate [OUT_DIR]
+      For the checkpoints already in OUT_DIR, writes `generate.json` (prompts and the tokens
+      `generate(do_sample=False)` produces for each, run one prompt at a time) and
+      `generate.safetensors` (`scores.<i>`: the logits of every generated step of prompt i).
   scripts/gen_model_fixtures.py check-ours CKPT_DIR FIXTURE_DIR
       Loads a checkpoint our Rust code wrote with `Qwen2ForCausalLM.from_pretrained` and checks
       that its logits on the fixture batch equal the fixture's (max abs diff <= 1e-5).
@@ -161,6 +165,48 @@ def gen(out_root: str):
         print(f"{name}: loss {loss.item():.6f}, packed vs per-document {worst:.2e}, {len(ref) - 1} grads")
 
 
+GEN_PROMPTS = [5, 11, 1, 8]
+GEN_NEW = 24
+
+
+def gen_generate(out_root: str):
+    for name, seed in [("tiny-qwen2", 11), ("tiny-qwen2-tied", 12)]:
+        out = os.path.join(out_root, name)
+        model = Qwen2ForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+        model.eval()
+        g = torch.Generator().manual_seed(seed)
+        prompts, outputs, scores = [], [], {}
+        for i, n in enumerate(GEN_PROMPTS):
+            ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g)
+            with torch.no_grad():
+                res = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=GEN_NEW,
+                    min_new_tokens=GEN_NEW,
+                    do_sample=False,
+                    pad_token_id=0,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
+            prompts.append(ids[0].tolist())
+            outputs.append(res.sequences[0, n:].tolist())
+            scores[f"scores.{i}"] = torch.cat(res.scores, dim=0).contiguous()
+        save_file(scores, os.path.join(out, "generate.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(out, "generate.json"), "w") as f:
+            json.dump(
+                {
+                    "prompts": prompts,
+                    "max_new_tokens": GEN_NEW,
+                    "greedy": outputs,
+                    "torch": torch.__version__,
+                    "transformers": __import__("transformers").__version__,
+                },
+                f,
+            )
+        print(f"{name}: {len(prompts)} prompts, {GEN_NEW} greedy tokens each")
+
+
 def check_ours(ckpt: str, fixture: str) -> int:
     model = Qwen2ForCausalLM.from_pretrained(ckpt, attn_implementation="eager", dtype=torch.float32)
     theirs = Qwen2ForCausalLM.from_pretrained(fixture, attn_implementation="eager", dtype=torch.float32)
@@ -184,6 +230,9 @@ def check_ours(ckpt: str, fixture: str) -> int:
 def main() -> int:
     if len(sys.argv) >= 2 and sys.argv[1] == "gen":
         gen(sys.argv[2] if len(sys.argv) > 2 else os.path.join(ROOT, "crates/model/tests/fixtures"))
+        return 0
+    if len(sys.argv) >= 2 and sys.argv[1] == "gen-generate":
+        gen_generate(sys.argv[2] if len(sys.argv) > 2 else os.path.join(ROOT, "crates/model/tests/fixtures"))
         return 0
     if len(sys.argv) == 4 and sys.argv[1] == "check-ours":
         return check_ours(sys.argv[2], sys.argv[3])

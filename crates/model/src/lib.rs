@@ -1,4 +1,5 @@
-//! Qwen2-architecture causal LM in candle, built for training on packed documents.
+//! Qwen2-architecture causal LM in candle, built for training on packed documents, with a KV
+//! cache for serving ([`generate`]).
 //!
 //! candle's own `qwen2` model cannot be trained: its fused RoPE, `softmax_last_dim` and RMSNorm
 //! record no backward op, so gradients silently stop at them. Every op here has a backward pass
@@ -10,12 +11,14 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod generate;
 pub mod model;
 pub mod optim;
 pub mod rng;
 
 pub use batch::{Batch, Row};
 pub use config::Qwen2Config;
+pub use generate::{KvCache, Sampler, SamplingParams, Step};
 pub use model::{Precision, Qwen2};
 pub use optim::{AdamW, AdamWConfig, Grads};
 

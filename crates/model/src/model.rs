@@ -186,7 +186,7 @@ impl Qwen2 {
         &self.params
     }
 
-    fn w(&self, name: &str) -> Result<Tensor> {
+    pub(crate) fn w(&self, name: &str) -> Result<Tensor> {
         let i = *self
             .by_name
             .get(name)
@@ -197,7 +197,7 @@ impl Qwen2 {
             .to_dtype(self.precision.dtype())?)
     }
 
-    fn linear(&self, x: &Tensor, prefix: &str, bias: bool) -> Result<Tensor> {
+    pub(crate) fn linear(&self, x: &Tensor, prefix: &str, bias: bool) -> Result<Tensor> {
         let y = x.matmul(&self.w(&format!("{prefix}.weight"))?.t()?)?;
         Ok(if bias {
             y.broadcast_add(&self.w(&format!("{prefix}.bias"))?)?
@@ -207,7 +207,7 @@ impl Qwen2 {
     }
 
     /// transformers' Qwen2RMSNorm: normalise in f32, cast back, then scale.
-    fn rms_norm(&self, x: &Tensor, name: &str) -> Result<Tensor> {
+    pub(crate) fn rms_norm(&self, x: &Tensor, name: &str) -> Result<Tensor> {
         let dt = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -216,7 +216,7 @@ impl Qwen2 {
     }
 
     /// cos and sin for every stream position, `[N, 1, head_dim]`, as transformers' default RoPE.
-    fn rope_tables(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn rope_tables(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let d = 2 * half;
         let mut cos = Vec::with_capacity(positions.len() * d);
@@ -239,7 +239,7 @@ impl Qwen2 {
         Ok((mk(cos)?, mk(sin)?))
     }
 
-    fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let d = x.dim(D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -346,7 +346,7 @@ impl Qwen2 {
         self.linear(&all, &format!("{p}.o_proj"), false)
     }
 
-    fn mlp(&self, x: &Tensor, l: usize) -> Result<Tensor> {
+    pub(crate) fn mlp(&self, x: &Tensor, l: usize) -> Result<Tensor> {
         let p = format!("model.layers.{l}.mlp");
         let gate = self.linear(x, &format!("{p}.gate_proj"), false)?.silu()?;
         let up = self.linear(x, &format!("{p}.up_proj"), false)?;
@@ -385,7 +385,11 @@ impl Qwen2 {
             )?;
             x = (x + m)?;
         }
-        let x = self.rms_norm(&x, "model.norm.weight")?;
+        self.head(&self.rms_norm(&x, "model.norm.weight")?)
+    }
+
+    /// The LM head (the embedding when tied) over final-normed hidden states; f32 logits.
+    pub(crate) fn head(&self, x: &Tensor) -> Result<Tensor> {
         let head = if self.config.tie_word_embeddings {
             "model.embed_tokens.weight"
         } else {
@@ -413,7 +417,7 @@ impl Qwen2 {
 
 // The max only shifts for stability; detached, it adds nothing to the gradient (exactly as it
 // contributes nothing mathematically).
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)

@@ -53,13 +53,23 @@ fn content(m: &Message) -> &str {
 
 /// Renders a trajectory with the Qwen2.5 template (no generation prompt).
 pub fn render_qwen25(traj: &Trajectory) -> Result<Rendered, ChatError> {
-    let msgs = &traj.messages;
+    render_qwen25_messages(&traj.tools, &traj.messages, false)
+}
+
+/// Renders a conversation with the Qwen2.5 template; with `add_generation_prompt` the text
+/// ends with the opened assistant turn a model continues (`apply_chat_template(...,
+/// add_generation_prompt=True)`), as a server prompts for the next message.
+pub fn render_qwen25_messages(
+    tools: &[serde_json::Value],
+    msgs: &[Message],
+    add_generation_prompt: bool,
+) -> Result<Rendered, ChatError> {
     if msgs.is_empty() {
         return Err(ChatError::Empty);
     }
     let mut r = Rendered::default();
     let first_is_system = msgs[0].role == "system";
-    if !traj.tools.is_empty() {
+    if !tools.is_empty() {
         r.push("<|im_start|>system\n", false);
         r.push(
             if first_is_system {
@@ -74,7 +84,7 @@ pub fn render_qwen25(traj: &Trajectory) -> Result<Rendered, ChatError> {
              You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
             false,
         );
-        for tool in &traj.tools {
+        for tool in tools {
             r.push("\n", false);
             r.push(&py_json(&Json::from(tool)), false);
         }
@@ -144,6 +154,9 @@ pub fn render_qwen25(traj: &Trajectory) -> Result<Rendered, ChatError> {
                 });
             }
         }
+    }
+    if add_generation_prompt {
+        r.push("<|im_start|>assistant\n", false);
     }
     Ok(r)
 }
@@ -415,6 +428,16 @@ mod tests {
             trained,
             "\nLet me look.\n<tool_call>\n{\"name\": \"bash\", \"arguments\": {\"command\": \"ls /testbed\", \"timeout\": 30}}\n</tool_call><|im_end|>\nDone.<|im_end|>"
         );
+    }
+
+    #[test]
+    fn generation_prompt_opens_the_assistant_turn() {
+        let t = sample_traj();
+        let plain = render_qwen25(&t).unwrap().text();
+        let prompted = render_qwen25_messages(&t.tools, &t.messages, true)
+            .unwrap()
+            .text();
+        assert_eq!(prompted, format!("{plain}<|im_start|>assistant\n"));
     }
 
     #[test]
