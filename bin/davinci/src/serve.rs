@@ -15,7 +15,9 @@ pub enum Target {
     TokenizerPacker,
     Trainer,
     Evaluator,
-    /// Every service in one process.
+    /// The OpenAI-compatible model server (HTTP, needs --model); not part of `all`.
+    Inference,
+    /// Every gRPC service in one process.
     All,
 }
 
@@ -38,6 +40,59 @@ pub struct Args {
     /// Prometheus /metrics listen address (overrides server.metrics_listen; "" disables).
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub inference: InferenceArgs,
+}
+
+/// The `inference` target: an OpenAI-compatible HTTP server for one checkpoint.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Inference (--target inference)")]
+pub struct InferenceArgs {
+    /// Checkpoint directory: config.json, model.safetensors (or its index) and tokenizer.json
+    /// (ours: {storage}/runs/{run}/checkpoints/{step}/, or any Hugging Face Qwen2 directory).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Name clients send as `model` (default: the directory's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// HTTP listen address of the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions).
+    #[arg(long, default_value = "0.0.0.0:8000")]
+    pub http_listen: String,
+    /// Sequences decoded together (continuous batching).
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Context limit in tokens (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+}
+
+/// Loads the checkpoint (failing before anything listens) and returns the server to run.
+async fn inference_server(
+    a: &InferenceArgs,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + use<>> {
+    let dir = a
+        .model
+        .clone()
+        .context("--target inference needs --model DIR (a checkpoint with config.json, weights and tokenizer.json)")?;
+    if a.max_batch == 0 {
+        anyhow::bail!("--max-batch must be at least 1");
+    }
+    let cfg = davinci_inference::ServeConfig {
+        model_dir: dir,
+        name: a.served_model_name.clone(),
+        max_batch: a.max_batch,
+        max_model_len: a.max_model_len,
+    };
+    let state = tokio::task::spawn_blocking(move || davinci_inference::load(&cfg)).await??;
+    let listener = tokio::net::TcpListener::bind(&a.http_listen)
+        .await
+        .with_context(|| format!("binding the inference server to {}", a.http_listen))?;
+    tracing::info!(addr = %a.http_listen, model = %state.name, max_len = state.max_len, "inference server listening");
+    Ok(davinci_inference::serve(
+        listener,
+        state,
+        grpc::shutdown_signal(),
+    ))
 }
 
 fn expand(targets: &[Target]) -> Vec<Target> {
@@ -69,7 +124,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     settings.validate()?;
     let targets = expand(&args.target);
-    let names: Vec<&str> = targets.iter().map(|t| service_name(*t)).collect();
+    if args.inference.model.is_some() && !targets.contains(&Target::Inference) {
+        anyhow::bail!("--model is for --target inference");
+    }
     let label = if targets.len() == 1 {
         format!("{:?}", targets[0]).to_lowercase()
     } else {
@@ -84,6 +141,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }),
         &settings.telemetry.log_level,
     )?;
+    let inference = if targets.contains(&Target::Inference) {
+        Some(tokio::spawn(inference_server(&args.inference).await?))
+    } else {
+        None
+    };
+    let targets: Vec<Target> = targets
+        .into_iter()
+        .filter(|t| *t != Target::Inference)
+        .collect();
+    let names: Vec<&str> = targets.iter().map(|t| service_name(*t)).collect();
+    if targets.is_empty() {
+        if !settings.server.metrics_listen.is_empty() {
+            telemetry::install_metrics(settings.server.metrics_listen.parse()?)?;
+        }
+        return match inference {
+            Some(h) => h.await?,
+            None => Ok(()),
+        };
+    }
     let opts = ServeOptions::from_settings(&settings)?;
     let listener = grpc::bind(&settings.server.listen).await?;
     if !settings.server.metrics_listen.is_empty() {
@@ -214,7 +290,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         ),
                     ))
                 }
-                Target::All => unreachable!("expanded above"),
+                Target::All | Target::Inference => unreachable!("expanded above"),
             };
     }
     let stop_workers = stop.clone();
@@ -231,6 +307,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Ok(Ok(())) => {}
         }
     }
+    if let Some(h) = inference {
+        h.await??;
+    }
     served
 }
 
@@ -244,7 +323,7 @@ pub fn service_name(t: Target) -> &'static str {
         Target::TokenizerPacker => "davinci.v1.TokenizerPacker",
         Target::Trainer => "davinci.v1.Trainer",
         Target::Evaluator => "davinci.v1.Evaluator",
-        Target::All => "",
+        Target::Inference | Target::All => "",
     }
 }
 

@@ -4,8 +4,11 @@
 //!   and a harness that applies patches and runs test commands in the sandbox.
 //! * [`humaneval`]: HumanEval / EvalPlus functional correctness in the sandbox, pass@k.
 //! * [`scoring`]: multiple-choice (GPQA-style) and numeric (SciBench-style) answer scoring.
+//! * [`drive`]: evaluations that drive a model behind an OpenAI-compatible endpoint
+//!   (HumanEval / HumanEval+, GPQA, SciBench) and grade its answers.
 //! * [`serve`]: the `Evaluator` gRPC service (Start / Get / Watch / Cancel) over the job registry.
 
+pub mod drive;
 pub mod humaneval;
 pub mod scoring;
 pub mod serve;
