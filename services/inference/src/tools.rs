@@ -129,6 +129,8 @@ fn parse_message(i: usize, m: &Value) -> ApiResult<Message> {
             .and_then(Value::as_str)
             .map(str::to_string),
         name: obj.get("name").and_then(Value::as_str).map(str::to_string),
+        raw_content: None,
+        reasoning_content: None,
     })
 }
 
