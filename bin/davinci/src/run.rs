@@ -112,7 +112,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     .with_queue(queue.clone()),
             ),
         )
-        .add_service(davinci_trainer::serve::TrainerService::new(jobs.clone()).into_server());
+        .add_service(
+            davinci_trainer::serve::TrainerService::new(jobs.clone())
+                .with_s3(s3.clone())
+                .into_server(),
+        );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let opts = ServeOptions {
         request_timeout: std::time::Duration::from_secs(3600),

@@ -213,7 +213,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 Target::Rollout => routes
                     .add_service(davinci_rollout::serve::RolloutService::new(jobs).into_server()),
                 Target::Trainer => routes
-                    .add_service(davinci_trainer::serve::TrainerService::new(jobs).into_server()),
+                    .add_service(
+                        davinci_trainer::serve::TrainerService::new(jobs)
+                            .with_s3(ctx.settings.storage.s3.clone())
+                            .into_server(),
+                    ),
                 Target::Crawler => {
                     let (base, github) = crawler_parts(&ctx).await?;
                     let work = davinci_crawler::serve::worker(

@@ -4,7 +4,8 @@
 //! ([`crate::jobset::follow`]); Get/Watch/Cancel answer from the registry (cancel also deletes
 //! the Kubernetes objects). [`TrainerService::reattach`] picks up a previous process's jobs.
 use crate::config::{Overrides, TrainConfig};
-use crate::data::read_manifest;
+use crate::data::{self, read_manifest};
+use crate::storage;
 use crate::jobset::follow::{self, Event};
 use crate::jobset::{self, Plan};
 use crate::train::{self, Job as TrainJob, ModelSource};
@@ -110,7 +111,7 @@ impl TrainerService {
 fn local(uri: &str, what: &str) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(
         !uri.contains("://") || uri.starts_with("file://"),
-        "{what} `{uri}`: the candle engine reads and writes local paths (path or file://)"
+        "{what} `{uri}`: a local path, file:// or s3:// URI is needed"
     );
     anyhow::ensure!(!uri.is_empty(), "{what} is required");
     Ok(PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri)))
@@ -276,7 +277,34 @@ impl Trainer for TrainerService {
             }
             e => return Err(invalid(format!("unknown engine `{e}` (candle or jobset)"))),
         }
-        let job = job_from_spec(&spec).map_err(|e| invalid(format!("{e:#}")))?;
+        // Remote data and outputs: the manifest is fetched now so the job is checked before it
+        // starts; the shards and the newest remote checkpoint follow in the job.
+        let remote_data = storage::is_remote(&spec.data).then(|| spec.data.clone());
+        let remote_out = storage::is_remote(&spec.out).then(|| spec.out.clone());
+        let work = (remote_data.is_some() || remote_out.is_some())
+            .then(|| tempfile::Builder::new().prefix("davinci-train-").tempdir())
+            .transpose()
+            .map_err(|e| Status::internal(format!("making a staging directory: {e}")))?;
+        let mut local_spec = spec.clone();
+        if let (Some(uri), Some(w)) = (&remote_data, &work) {
+            let m = storage::fetch_manifest(uri, &self.s3, &w.path().join("data"))
+                .await
+                .map_err(|e| invalid(format!("spec.data: {e:#}")))?;
+            local_spec.data = m.display().to_string();
+        }
+        if let (Some(_), Some(w)) = (&remote_out, &work) {
+            local_spec.out = w.path().join("out").display().to_string();
+        }
+        let job = job_from_spec(&local_spec).map_err(|e| invalid(format!("{e:#}")))?;
+        let remote = match (&remote_out, &work) {
+            (Some(uri), Some(_)) => Some(
+                storage::RemoteOut::open(uri, &self.s3, &job.out)
+                    .await
+                    .map_err(|e| invalid(format!("spec.out: {e:#}")))?,
+            ),
+            _ => None,
+        };
+        let s3 = self.s3.clone();
         let spec_json = serde_json::json!({
             "data": spec.data, "out": spec.out, "model": spec.model, "engine": "candle",
             "config": job.config,
@@ -288,6 +316,15 @@ impl Trainer for TrainerService {
             .jobs
             .spawn("train", &req.run_id, spec_json, move |handle| {
                 Box::pin(async move {
+                    let _work = work;
+                    if let Some(uri) = &remote_data {
+                        storage::stage_shards(uri, &s3, &data::data_root(&job.manifest)).await?;
+                    }
+                    if let Some(r) = &remote {
+                        if let Some(step) = r.restore().await? {
+                            tracing::info!(step, out = %out_uri, "resuming from the remote checkpoint");
+                        }
+                    }
                     let cancel = Arc::new(AtomicBool::new(false));
                     let (flag, token) = (cancel.clone(), handle.cancel_token());
                     tokio::spawn(async move {
@@ -295,8 +332,9 @@ impl Trainer for TrainerService {
                         flag.store(true, Ordering::Relaxed);
                     });
                     let h = handle.clone();
+                    let rt2 = rt.clone();
                     let summary = tokio::task::spawn_blocking(move || {
-                        train::train(
+                        train::train_with(
                             &job,
                             &mut |r| {
                                 let msg = format!(
@@ -311,6 +349,10 @@ impl Trainer for TrainerService {
                                 rt.block_on(h.progress(r.step, r.total_steps, &msg));
                             },
                             &cancel,
+                            &mut |dir| match &remote {
+                                Some(r) => rt2.block_on(r.publish_checkpoint(dir)),
+                                None => Ok(()),
+                            },
                         )
                     })
                     .await??;

@@ -282,6 +282,17 @@ pub fn train(
     progress: &mut dyn FnMut(&StepReport),
     cancel: &AtomicBool,
 ) -> anyhow::Result<Summary> {
+    train_with(job, progress, cancel, &mut |_| Ok(()))
+}
+
+/// [`train`], calling `on_checkpoint` with every checkpoint directory once it is in place (to
+/// upload it: [`crate::storage::RemoteOut`]); its error stops the job.
+pub fn train_with(
+    job: &Job,
+    progress: &mut dyn FnMut(&StepReport),
+    cancel: &AtomicBool,
+    on_checkpoint: &mut dyn FnMut(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let model_cfg = job.model.config()?;
     let prep = prepare(job, &model_cfg)?;
@@ -377,13 +388,9 @@ pub fn train(
         let mut plan: Option<(u64, Vec<RowRef>)> = None;
         while state.stage_step < *stage_steps {
             if cancel.load(Ordering::Relaxed) {
-                checkpoints.push(write_checkpoint(
-                    &job.out,
-                    &model,
-                    &opt,
-                    &state,
-                    tokenizer.as_deref(),
-                )?);
+                let dir = write_checkpoint(&job.out, &model, &opt, &state, tokenizer.as_deref())?;
+                on_checkpoint(&dir)?;
+                checkpoints.push(dir);
                 bail!("cancelled at step {}", state.global_step);
             }
             let t0 = Instant::now();
@@ -456,13 +463,9 @@ pub fn train(
                     at.stage_step = 0;
                     at.stage_steps = prep.stages[si + 1].2;
                 }
-                checkpoints.push(write_checkpoint(
-                    &job.out,
-                    &model,
-                    &opt,
-                    &at,
-                    tokenizer.as_deref(),
-                )?);
+                let dir = write_checkpoint(&job.out, &model, &opt, &at, tokenizer.as_deref())?;
+                on_checkpoint(&dir)?;
+                checkpoints.push(dir);
             }
         }
     }
