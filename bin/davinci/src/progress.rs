@@ -5,38 +5,56 @@ use davinci_proto::v1::{JobState, StageStatus};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 pub struct StageBars {
-    _multi: MultiProgress,
-    bars: Vec<(&'static str, ProgressBar)>,
+    multi: MultiProgress,
+    style: ProgressStyle,
+    /// Bars of the stages seen so far, in [`STAGES`] order: a stage gets its bar with its first
+    /// status, so a run without a stage (no `training:`, no train) shows no idle bar for it.
+    bars: std::sync::Mutex<Vec<(String, ProgressBar)>>,
 }
 
 impl StageBars {
     /// Bars on stderr (hidden when it is not a terminal).
     pub fn new() -> Self {
-        let multi = MultiProgress::new();
-        let style =
-            ProgressStyle::with_template("{prefix:>12} {bar:30} {pos}/{len} {elapsed:>4} {msg}")
-                .expect("static template");
-        let bars = STAGES
-            .iter()
-            .map(|s| {
-                let b = multi.add(
-                    ProgressBar::new(0)
-                        .with_style(style.clone())
-                        .with_prefix(s.to_string()),
-                );
-                (*s, b)
-            })
-            .collect();
         Self {
-            _multi: multi,
-            bars,
+            multi: MultiProgress::new(),
+            style: ProgressStyle::with_template(
+                "{prefix:>12} {bar:30} {pos}/{len} {elapsed:>4} {msg}",
+            )
+            .expect("static template"),
+            bars: std::sync::Mutex::new(Vec::new()),
         }
     }
 
+    /// The bar of `stage`, added in its place among the others on first use.
+    fn bar(&self, stage: &str) -> ProgressBar {
+        let mut bars = self.bars.lock().expect("bars lock");
+        if let Some((_, b)) = bars.iter().find(|(s, _)| s == stage) {
+            return b.clone();
+        }
+        let rank = |s: &str| STAGES.iter().position(|x| *x == s).unwrap_or(STAGES.len());
+        let at = bars
+            .iter()
+            .position(|(s, _)| rank(s) > rank(stage))
+            .unwrap_or(bars.len());
+        let b = self.multi.insert(
+            at,
+            ProgressBar::new(0)
+                .with_style(self.style.clone())
+                .with_prefix(stage.to_string()),
+        );
+        bars.insert(at, (stage.to_string(), b.clone()));
+        b
+    }
+
+    /// The stages that have a bar, in order.
+    #[cfg(test)]
+    fn stages(&self) -> Vec<String> {
+        let bars = self.bars.lock().expect("bars lock");
+        bars.iter().map(|(s, _)| s.clone()).collect()
+    }
+
     pub fn update(&self, st: &StageStatus) {
-        let Some((_, b)) = self.bars.iter().find(|(s, _)| *s == st.stage) else {
-            return;
-        };
+        let b = self.bar(&st.stage);
         b.set_length(st.total.max(st.done));
         b.set_position(st.done);
         let state = JobState::try_from(st.state).unwrap_or(JobState::Unspecified);
@@ -55,5 +73,35 @@ impl StageBars {
                 st.counters.get("records_out").copied().unwrap_or_default()
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(stage: &str) -> StageStatus {
+        StageStatus {
+            stage: stage.into(),
+            state: JobState::Running as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bars_only_for_stages_that_report_in_stage_order() {
+        let bars = StageBars::new();
+        assert!(bars.stages().is_empty());
+        bars.update(&status("reconstruct"));
+        bars.update(&status("crawl"));
+        bars.update(&status("pack"));
+        bars.update(&status("crawl"));
+        assert_eq!(
+            bars.stages(),
+            ["crawl", "reconstruct", "pack"],
+            "no idle train bar"
+        );
+        bars.update(&status("train"));
+        assert_eq!(bars.stages().last().map(String::as_str), Some("train"));
     }
 }
