@@ -337,6 +337,12 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Resp {
             _ => not_found("resource", &path),
         };
     }
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -419,6 +425,9 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Resp {
         }
         (Method::DELETE, ["api", "v1", "namespaces", ns, "pods", name]) => {
             delete_pod(st, ns, name).await
+        }
+        (Method::PATCH, ["api", "v1", "namespaces", ns, "pods", name]) => {
+            patch_pod(&st, ns, name, &content_type, body_json)
         }
         (
             Method::POST,
@@ -863,6 +872,83 @@ async fn delete_pod(st: Arc<State>, ns: &str, name: &str) -> Resp {
             .await;
     }
     json_response(StatusCode::OK, &pod)
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else
+/// replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let t = target.as_object_mut().expect("made an object");
+    for (k, v) in p {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+/// `PATCH` of a pod with `application/merge-patch+json` (what `kubectl label` and kube-rs's
+/// `Patch::Merge` send). As on a real API server, a pod's metadata may change but its spec
+/// (beyond what this fake does not model) may not.
+fn patch_pod(st: &State, ns: &str, name: &str, content_type: &str, body: Option<Value>) -> Resp {
+    if content_type != "application/merge-patch+json" {
+        return status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/merge-patch+json (got `{content_type}`)"
+            ),
+            json!({}),
+        );
+    }
+    let Some(patch) = body else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the patch is empty".into(),
+            json!({}),
+        );
+    };
+    let key = (ns.to_string(), name.to_string());
+    let mut s = st.store.lock().unwrap();
+    let Some(pod) = s.pods.get(&key) else {
+        return not_found("pods", name);
+    };
+    let mut patched = pod.clone();
+    merge_patch(&mut patched, &patch);
+    if patched["spec"] != pod["spec"] {
+        return invalid(
+            "Pod",
+            name,
+            vec![(
+                "spec".into(),
+                "Forbidden: pod updates may not change fields other than `spec.containers[*].image`, `spec.activeDeadlineSeconds` or `spec.tolerations` (only additions to existing tolerations)".into(),
+            )],
+        );
+    }
+    for (field, want) in [("name", name), ("namespace", ns)] {
+        if patched["metadata"][field] != pod["metadata"][field] {
+            return invalid(
+                "Pod",
+                name,
+                vec![(
+                    format!("metadata.{field}"),
+                    format!("Invalid value: field is immutable (`{want}`)"),
+                )],
+            );
+        }
+    }
+    s.resource_version += 1;
+    patched["metadata"]["resourceVersion"] = json!(s.resource_version.to_string());
+    s.pods.insert(key, patched.clone());
+    json_response(StatusCode::OK, &patched)
 }
 
 fn create_policy(st: Arc<State>, ns: &str, body: Option<Value>) -> Resp {

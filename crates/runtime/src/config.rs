@@ -32,6 +32,9 @@ pub struct Settings {
     pub services: ServicesSettings,
     pub evaluator: EvaluatorSettings,
     pub github: GithubSettings,
+    /// Where untrusted commands run (SWE-bench grading, agent tools): `kind: local`
+    /// (bubblewrap), `docker` or `kubernetes`, with that backend's options.
+    pub sandbox: davinci_sandbox::Backend,
 }
 
 /// The crawler's GitHub: tokens come from `GITHUB_TOKENS` / `GITHUB_TOKEN`, never from here.
@@ -215,7 +218,12 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let defaults = config::Config::try_from(&Settings::default())
+        let mut defaults = serde_json::to_value(Settings::default())
+            .map_err(|e| ConfigError::new("<defaults>", e.to_string()))?;
+        // Only the backend's kind: its options default by themselves, and another kind set by
+        // the file or environment must not inherit the local backend's options.
+        defaults["sandbox"] = serde_json::json!({"kind": "local"});
+        let defaults = config::Config::try_from(&defaults)
             .map_err(|e| ConfigError::new("<defaults>", e.to_string()))?;
         let mut builder = config::Config::builder().add_source(defaults);
         if let Some(path) = file {
@@ -331,6 +339,12 @@ impl Settings {
                 ConfigError::new(format!("storage.{field}"), reason)
             }
             other => ConfigError::new("storage.s3", other.to_string()),
+        })?;
+        self.sandbox.validate().map_err(|e| match e {
+            davinci_sandbox::SandboxError::Config { field, reason } => {
+                ConfigError::new(format!("sandbox.{field}"), reason)
+            }
+            other => ConfigError::new("sandbox", other.to_string()),
         })?;
         let qs = self.queue.url.split("://").next().unwrap_or_default();
         if !self.queue.url.contains("://") || !matches!(qs, "memory" | "redis" | "rediss") {
@@ -463,6 +477,53 @@ mod tests {
         std::fs::write(&t, "[storage]\nuri = \"s3://bucket/prefix\"\n").unwrap();
         let s = Settings::load_from(Some(&t), env(&[])).unwrap();
         assert_eq!(s.storage.uri, "s3://bucket/prefix");
+    }
+
+    #[test]
+    fn sandbox_backend_from_file_and_environment() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.sandbox.kind(), "local");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(
+            &f,
+            "sandbox:\n  kind: kubernetes\n  namespace: sbx\n  runtime_class: gvisor\n  node_selector:\n    pool: sandbox\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&f), env(&[])).unwrap();
+        let davinci_sandbox::Backend::Kubernetes(k) = &s.sandbox else {
+            panic!("{:?}", s.sandbox)
+        };
+        assert_eq!(k.namespace, "sbx");
+        assert_eq!(k.node_selector["pool"], "sandbox");
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("DAVINCI__SANDBOX__KIND", "docker"),
+                ("DAVINCI__SANDBOX__PULL_POLICY", "never"),
+                ("DAVINCI__SANDBOX__LEASE_S", "900"),
+            ]),
+        )
+        .unwrap();
+        let davinci_sandbox::Backend::Docker(d) = &s.sandbox else {
+            panic!("{:?}", s.sandbox)
+        };
+        assert_eq!(
+            (d.lease_s, d.pull_policy),
+            (900, davinci_sandbox::PullPolicy::Never)
+        );
+        let e = Settings::load_from(
+            None,
+            env(&[
+                ("DAVINCI__SANDBOX__KIND", "docker"),
+                ("DAVINCI__SANDBOX__LEASE_S", "1"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "sandbox.docker.lease_s", "{e}");
+        std::fs::write(&f, "sandbox:\n  kind: docker\n  bwrap: /usr/bin/bwrap\n").unwrap();
+        let e = Settings::load_from(Some(&f), env(&[])).unwrap_err();
+        assert!(e.reason.contains("bwrap"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! * **Workspace**: a container from the task image (SWE-bench images hold the repository at
 //!   `/testbed`), pulled according to [`PullPolicy`]; the digest it resolved to is recorded on
 //!   the [`Workspace`]. PID 1 is the engine's init (`docker-init`), which reaps orphans; its
-//!   child is a `sleep` for the lease, so an abandoned container stops by itself. A host tree
+//!   child is a `sleep` for the workspace's lifetime, so an abandoned container stops by
+//!   itself. A host tree
 //!   ([`WorkspaceSpec::source`]) and extra files are copied in as tar archives; files are read
 //!   back the same way.
 //! * **Isolation**: all capabilities dropped except the few a root build needs (chown, file
@@ -22,9 +23,11 @@
 //! * **Wall time, output, clean-up**: output is streamed into bounded buffers; on wall-clock
 //!   expiry or output overflow a kill sweep (its own exec) kills every process of the command,
 //!   and the wrapper sweeps after every command. Runs in one workspace are serialised.
-//! * **Leaks**: labels name the owner, its incarnation, the run, the task and the lease
-//!   expiry ([`crate::lease`]); [`DockerSandbox::sweep`] removes expired containers and an
-//!   earlier incarnation's, so a worker killed with -9 leaks nothing past its lease.
+//! * **Leaks**: labels name the owner, its incarnation, the run, the task, the lease expiry
+//!   and the lifetime ([`crate::lease`]); while a workspace is held its lease is renewed
+//!   (written to [`lease::RENEWAL_FILE`] in the container every third of the lease);
+//!   [`DockerSandbox::sweep`] removes containers whose lease ran out and an earlier
+//!   incarnation's, so a worker killed with -9 leaks nothing past its lease.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -76,7 +79,7 @@ pub struct DockerTls {
 
 /// Docker backend settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct DockerConfig {
     /// `unix:///var/run/docker.sock`, `tcp://host:2376` (with `tls`) or `http://host:2375`.
     /// Default: `$DOCKER_HOST`, else the local socket.
@@ -91,8 +94,13 @@ pub struct DockerConfig {
     pub owner: String,
     /// The run the containers serve (a label; free text).
     pub run: String,
-    /// How long a workspace may live; a sweep removes it afterwards.
+    /// Lease of a workspace, renewed every third of it while its owner holds it; a sweep
+    /// removes a workspace whose lease ran out (its owner died).
     pub lease_s: u64,
+    /// The longest a workspace may live, renewals or not (its sleeper ends then).
+    pub max_lifetime_s: u64,
+    /// How often the sweeper started by [`crate::open`] runs (0: none).
+    pub sweep_every_s: u64,
     /// CPUs per container (`None`: not limited).
     pub cpus: Option<f64>,
     /// Memory (and memory + swap) per container, bytes.
@@ -119,7 +127,9 @@ impl Default for DockerConfig {
             mount_point: PathBuf::from("/testbed"),
             owner: String::new(),
             run: String::new(),
-            lease_s: 6 * 3600,
+            lease_s: 600,
+            max_lifetime_s: 24 * 3600,
+            sweep_every_s: 60,
             cpus: None,
             memory_bytes: None,
             network: Some("bridge".to_string()),
@@ -152,6 +162,8 @@ pub(crate) struct WorkspaceInner {
     /// One run at a time: the kill sweep of one would hit the other.
     lock: tokio::sync::Mutex<()>,
     released: std::sync::atomic::AtomicBool,
+    /// Renews the lease while the workspace is held.
+    renewer: tokio::task::JoinHandle<()>,
 }
 
 /// What a kill sweep needs, shared with the guard of a run in flight.
@@ -166,6 +178,7 @@ struct ExecState {
 
 impl Drop for WorkspaceInner {
     fn drop(&mut self) {
+        self.renewer.abort();
         if self.released.load(Ordering::SeqCst) {
             return;
         }
@@ -396,8 +409,13 @@ impl DockerSandbox {
     }
 
     async fn upload(&self, id: &str, tar: Vec<u8>) -> Result<(), SandboxError> {
+        self.upload_at(id, &self.cfg.mount_point.display().to_string(), tar)
+            .await
+    }
+
+    async fn upload_at(&self, id: &str, path: &str, tar: Vec<u8>) -> Result<(), SandboxError> {
         let opts = UploadToContainerOptionsBuilder::default()
-            .path(&self.cfg.mount_point.display().to_string())
+            .path(path)
             .build();
         self.docker
             .upload_to_container(id, Some(opts), bollard::body_full(tar.into()))
@@ -418,6 +436,7 @@ impl DockerSandbox {
             &self.cfg.run,
             spec.task.as_deref().unwrap_or(""),
             Duration::from_secs(self.cfg.lease_s),
+            Duration::from_secs(self.cfg.max_lifetime_s),
         );
         let host = HostConfig {
             init: Some(true),
@@ -440,7 +459,7 @@ impl DockerSandbox {
         let body = ContainerCreateBody {
             image: Some(image.clone()),
             entrypoint: Some(vec!["sleep".to_string()]),
-            cmd: Some(vec![self.cfg.lease_s.to_string()]),
+            cmd: Some(vec![self.cfg.max_lifetime_s.to_string()]),
             labels: Some(labels.to_map().into_iter().collect::<HashMap<_, _>>()),
             host_config: Some(host),
             ..Default::default()
@@ -635,7 +654,12 @@ impl DockerSandbox {
             let Some(l) = Labels::from_map(|k| labels.get(k).map(String::as_str)) else {
                 continue;
             };
-            let Some(why) = l.reclaim_reason(&self.owner, &self.incarnation, now) else {
+            let renewed = if l.renewal_matters(now) {
+                self.renewed_until(&id).await
+            } else {
+                None
+            };
+            let Some(why) = l.reclaim_reason(&self.owner, &self.incarnation, now, renewed) else {
                 continue;
             };
             let name = c
@@ -660,6 +684,47 @@ impl DockerSandbox {
         }
         report.record("docker");
         Ok(report)
+    }
+
+    /// Records in the container that its lease runs until `until` (Unix seconds).
+    pub async fn renew(&self, container_id: &str, until: u64) -> Result<(), SandboxError> {
+        let name = lease::RENEWAL_FILE.trim_start_matches('/');
+        let tar = container::tar_files(&[(PathBuf::from(name), until.to_string().as_bytes())])?;
+        self.upload_at(container_id, "/", tar)
+            .await
+            .map_err(|e| self.err(format!("renewing the lease of {container_id}: {e}")))
+    }
+
+    /// The renewal recorded in a container, if one can be read.
+    async fn renewed_until(&self, id: &str) -> Option<u64> {
+        let opts = DownloadFromContainerOptionsBuilder::default()
+            .path(lease::RENEWAL_FILE)
+            .build();
+        let mut s = self.docker.download_from_container(id, Some(opts));
+        let mut tar = Vec::new();
+        while let Some(chunk) = s.next().await {
+            tar.extend_from_slice(&chunk.ok()?);
+            if tar.len() > 1 << 16 {
+                return None;
+            }
+        }
+        let data = container::untar_file(lease::RENEWAL_FILE, &tar).ok()?;
+        String::from_utf8(data).ok()?.trim().parse().ok()
+    }
+
+    /// Renews a held workspace's lease every third of it until aborted (on release).
+    fn spawn_renewer(&self, id: String) -> tokio::task::JoinHandle<()> {
+        let sb = self.clone();
+        let lease = self.cfg.lease_s;
+        tokio::spawn(async move {
+            let every = Duration::from_millis((lease * 1000 / 3).max(200));
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = sb.renew(&id, lease::unix_now() + lease).await {
+                    tracing::warn!(container = %id, error = %e, "sandbox lease renewal failed");
+                }
+            }
+        })
     }
 
     /// Sweeps now and then every `every` until the returned task is aborted.
@@ -846,12 +911,13 @@ impl Sandbox for DockerSandbox {
                 docker: self.docker.clone(),
                 container: id.clone(),
                 exec: Arc::new(ExecState {
-                    container: id,
+                    container: id.clone(),
                     keep,
                     pids: AtomicI64::new(Limits::default().max_processes.map_or(-1, pids_max)),
                 }),
                 lock: tokio::sync::Mutex::new(()),
                 released: std::sync::atomic::AtomicBool::new(false),
+                renewer: self.spawn_renewer(id),
             }),
         })
     }

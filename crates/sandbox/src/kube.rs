@@ -5,9 +5,9 @@
 //!
 //! * **Workspace**: a pod from the task image ([`KubeSandbox::pod_manifest`]): resources,
 //!   `runtimeClassName` (gVisor, Kata), nodeSelector and tolerations from the configuration;
-//!   `restartPolicy: Never`; `activeDeadlineSeconds` = the lease, so the kubelet ends an
+//!   `restartPolicy: Never`; `activeDeadlineSeconds` = the lifetime, so the kubelet ends an
 //!   abandoned pod by itself; `shareProcessNamespace`, so the pause container is PID 1 and
-//!   reaps orphans; the container's command is a `sleep` for the lease. Files go in and out
+//!   reaps orphans; the container's command is a `sleep` for the lifetime. Files go in and out
 //!   as tar streams through exec (`tar` in the image), as `kubectl cp` does.
 //! * **Isolation**: `automountServiceAccountToken: false` (no API credentials inside),
 //!   `enableServiceLinks: false`, capabilities dropped to the same few as the Docker
@@ -20,8 +20,10 @@
 //!   it); per-process CPU time, address space and file size, the wall clock, the output cap
 //!   and the kill sweep through the same wrapper as the Docker backend
 //!   ([`crate::container`]).
-//! * **Leaks**: the same labels and lease as Docker ([`crate::lease`]); [`KubeSandbox::sweep`]
-//!   deletes expired pods and an earlier incarnation's; a dropped workspace deletes its pod.
+//! * **Leaks**: the same labels and lease as Docker ([`crate::lease`]); a held workspace's
+//!   lease label is renewed (a JSON merge patch of the pod's labels) every third of the
+//!   lease; [`KubeSandbox::sweep`] deletes pods whose lease ran out and an earlier
+//!   incarnation's; a dropped workspace deletes its pod.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -55,7 +57,7 @@ pub const POLICY_NAME: &str = "davinci-sandbox-deny-all";
 
 /// Kubernetes backend settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct KubernetesConfig {
     /// API server URL (no credentials: a local or proxied server). `None`: in-cluster
     /// service account or the kubeconfig, as kubectl finds them.
@@ -69,8 +71,14 @@ pub struct KubernetesConfig {
     /// This worker's stable name on its pods (default: the host name, i.e. the pod name).
     pub owner: String,
     pub run: String,
-    /// How long a workspace may live (also the pod's `activeDeadlineSeconds`).
+    /// Lease of a workspace, renewed every third of it while its owner holds it; a sweep
+    /// deletes a pod whose lease ran out (its owner died).
     pub lease_s: u64,
+    /// The longest a workspace may live, renewals or not (the pod's
+    /// `activeDeadlineSeconds`).
+    pub max_lifetime_s: u64,
+    /// How often the sweeper started by [`crate::open`] runs (0: none).
+    pub sweep_every_s: u64,
     /// RuntimeClass for stronger isolation (`gvisor`, `kata`).
     pub runtime_class: Option<String>,
     pub node_selector: BTreeMap<String, String>,
@@ -96,7 +104,9 @@ impl Default for KubernetesConfig {
             mount_point: PathBuf::from("/testbed"),
             owner: String::new(),
             run: String::new(),
-            lease_s: 6 * 3600,
+            lease_s: 600,
+            max_lifetime_s: 24 * 3600,
+            sweep_every_s: 60,
             runtime_class: None,
             node_selector: BTreeMap::new(),
             tolerations: Vec::new(),
@@ -117,10 +127,13 @@ pub(crate) struct WorkspaceInner {
     keep: Vec<u32>,
     lock: tokio::sync::Mutex<()>,
     released: std::sync::atomic::AtomicBool,
+    /// Renews the lease label while the workspace is held.
+    renewer: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for WorkspaceInner {
     fn drop(&mut self) {
+        self.renewer.abort();
         if self.released.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
@@ -277,6 +290,7 @@ pub fn pod_manifest(
         &cfg.run,
         task,
         Duration::from_secs(cfg.lease_s),
+        Duration::from_secs(cfg.max_lifetime_s),
     );
     let mut res = BTreeMap::new();
     if let Some(c) = &cfg.cpu {
@@ -306,7 +320,7 @@ pub fn pod_manifest(
             enable_service_links: Some(false),
             restart_policy: Some("Never".into()),
             share_process_namespace: Some(true),
-            active_deadline_seconds: Some(cfg.lease_s as i64),
+            active_deadline_seconds: Some(cfg.max_lifetime_s as i64),
             termination_grace_period_seconds: Some(0),
             runtime_class_name: cfg.runtime_class.clone(),
             node_selector: (!cfg.node_selector.is_empty()).then(|| cfg.node_selector.clone()),
@@ -315,7 +329,7 @@ pub fn pod_manifest(
                 name: CONTAINER.into(),
                 image: Some(image.into()),
                 image_pull_policy: Some(pull.into()),
-                command: Some(vec!["sleep".into(), cfg.lease_s.to_string()]),
+                command: Some(vec!["sleep".into(), cfg.max_lifetime_s.to_string()]),
                 working_dir: Some(cfg.mount_point.display().to_string()),
                 resources: (!res.is_empty()).then(|| ResourceRequirements {
                     requests: Some(res.clone()),
@@ -566,7 +580,7 @@ impl KubeSandbox {
             let Some(l) = Labels::from_map(|k| labels.get(k).map(String::as_str)) else {
                 continue;
             };
-            let Some(why) = l.reclaim_reason(&self.owner, &self.incarnation, now) else {
+            let Some(why) = l.reclaim_reason(&self.owner, &self.incarnation, now, None) else {
                 continue;
             };
             match delete(&self.pods, &name).await {
@@ -581,6 +595,37 @@ impl KubeSandbox {
         Ok(report)
     }
 
+    /// Moves a pod's lease to `until` (Unix seconds): a merge patch of its lease label.
+    pub async fn renew(&self, pod: &str, until: u64) -> Result<(), SandboxError> {
+        let patch = serde_json::json!({
+            "metadata": {"labels": {lease::LEASE_EXPIRY: until.to_string()}}
+        });
+        self.pods
+            .patch(
+                pod,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| kerr(format!("renewing the lease of pod {pod}: {e}")))
+    }
+
+    /// Renews a held workspace's lease every third of it until aborted (on release).
+    fn spawn_renewer(&self, pod: String) -> tokio::task::JoinHandle<()> {
+        let sb = self.clone();
+        let lease = self.cfg.lease_s;
+        tokio::spawn(async move {
+            let every = Duration::from_millis((lease * 1000 / 3).max(200));
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = sb.renew(&pod, lease::unix_now() + lease).await {
+                    tracing::warn!(pod = %pod, error = %e, "sandbox lease renewal failed");
+                }
+            }
+        })
+    }
+
     /// Sweeps now and then every `every` until the returned task is aborted.
     pub fn spawn_sweeper(self: Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
@@ -592,6 +637,53 @@ impl KubeSandbox {
             }
         })
     }
+}
+
+/// A DNS label (RFC 1123) as Kubernetes names namespaces and parts of other names.
+pub(crate) fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A resource quantity as the API server parses it: a decimal number and an optional suffix
+/// (binary `Ki`…`Ei`, decimal `m`, `k`, `M`…`E`, or an exponent `e3`).
+pub(crate) fn quantity_ok(q: &str) -> bool {
+    let num_end = q
+        .char_indices()
+        .find(|&(i, c)| !(c.is_ascii_digit() || c == '.' || (i == 0 && (c == '+' || c == '-'))))
+        .map_or(q.len(), |(i, _)| i);
+    let (num, suffix) = q.split_at(num_end);
+    let digits = num.trim_start_matches(['+', '-']);
+    let number = !digits.is_empty()
+        && digits != "."
+        && digits.matches('.').count() <= 1
+        && digits.chars().any(|c| c.is_ascii_digit());
+    let suffix_ok = matches!(
+        suffix,
+        "" | "Ki"
+            | "Mi"
+            | "Gi"
+            | "Ti"
+            | "Pi"
+            | "Ei"
+            | "n"
+            | "u"
+            | "m"
+            | "k"
+            | "M"
+            | "G"
+            | "T"
+            | "P"
+            | "E"
+    ) || suffix.strip_prefix(['e', 'E']).is_some_and(|e| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit())
+    });
+    number && suffix_ok
 }
 
 /// The exit code in an exec's final `Status` (`Success`, or `NonZeroExitCode` with an
@@ -709,6 +801,7 @@ impl Sandbox for KubeSandbox {
             image: Some(record),
             inner: Inner::Kubernetes(WorkspaceInner {
                 pods: self.pods.clone(),
+                renewer: self.spawn_renewer(name.clone()),
                 pod: name,
                 keep,
                 lock: tokio::sync::Mutex::new(()),

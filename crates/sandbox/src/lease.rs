@@ -3,14 +3,21 @@
 //!
 //! Every container a backend creates carries: the marker [`MANAGED`], the owner (a stable
 //! worker name, e.g. the pod or host name), the owner's incarnation (one per process), the run
-//! and task it serves, and the time its lease expires (Unix seconds). Docker labels cannot be
-//! changed after creation, so the lease is fixed when the workspace is made: it should exceed
-//! the longest use of a workspace. The container's own lease sleeper exits at that time too,
-//! so an expired container stops even before a sweep removes it.
+//! and task it serves, the time its lease expires and the end of its lifetime (Unix seconds).
 //!
-//! A sweep removes a container when its lease has expired, or when it belongs to an earlier
-//! incarnation of the sweeping owner (a worker restarted after `kill -9` reclaims its
-//! predecessor's containers at once instead of waiting for their leases).
+//! The lease is short and a live owner renews it (every third of the lease) for as long as it
+//! holds the workspace, so a long-running workspace lives on while one whose owner died is
+//! reclaimed soon after. Pod labels can be changed, so the Kubernetes backend renews the
+//! `lease-expiry` label itself. Docker labels cannot, so the Docker backend writes the renewed
+//! expiry into the container ([`RENEWAL_FILE`], through the archive API, no exec) and a sweep
+//! reads it back for containers whose labelled lease has passed. A command inside the
+//! workspace could forge that file, so no renewal counts past the lifetime label, which
+//! nothing can change; the container's sleeper (and a pod's `activeDeadlineSeconds`) ends at
+//! the lifetime too, so an abandoned workspace stops even before a sweep removes it.
+//!
+//! A sweep removes a container when its lease (as renewed) has expired, or when it belongs to
+//! an earlier incarnation of the sweeping owner (a worker restarted after `kill -9` reclaims
+//! its predecessor's containers at once instead of waiting for their leases).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +30,11 @@ pub const INCARNATION: &str = "davinci.dev/incarnation";
 pub const RUN: &str = "davinci.dev/run";
 pub const TASK: &str = "davinci.dev/task";
 pub const LEASE_EXPIRY: &str = "davinci.dev/lease-expiry";
+pub const LIFETIME_EXPIRY: &str = "davinci.dev/lifetime-expiry";
+
+/// Where the Docker backend records a renewed lease inside the container (outside the
+/// workspace tree, so it never shows in a diff of `/testbed`): the expiry in Unix seconds.
+pub const RENEWAL_FILE: &str = "/.davinci-lease";
 
 /// The labels of one sandbox container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,8 +43,10 @@ pub struct Labels {
     pub incarnation: String,
     pub run: String,
     pub task: String,
-    /// Unix seconds.
+    /// Unix seconds; renewed by the live owner.
     pub lease_expiry: u64,
+    /// Unix seconds; fixed at creation. No renewal counts past it.
+    pub lifetime_expiry: u64,
 }
 
 /// This process's incarnation: one per process, shared by all its sandboxes, so that one
@@ -74,13 +88,22 @@ pub fn label_value(s: &str) -> String {
 }
 
 impl Labels {
-    pub fn new(owner: &str, incarnation: &str, run: &str, task: &str, lease: Duration) -> Self {
+    pub fn new(
+        owner: &str,
+        incarnation: &str,
+        run: &str,
+        task: &str,
+        lease: Duration,
+        lifetime: Duration,
+    ) -> Self {
+        let now = unix_now();
         Labels {
             owner: label_value(owner),
             incarnation: label_value(incarnation),
             run: label_value(run),
             task: label_value(task),
-            lease_expiry: unix_now() + lease.as_secs(),
+            lease_expiry: now + lease.as_secs().min(lifetime.as_secs()),
+            lifetime_expiry: now + lifetime.as_secs(),
         }
     }
 
@@ -92,6 +115,10 @@ impl Labels {
             (RUN.to_string(), self.run.clone()),
             (TASK.to_string(), self.task.clone()),
             (LEASE_EXPIRY.to_string(), self.lease_expiry.to_string()),
+            (
+                LIFETIME_EXPIRY.to_string(),
+                self.lifetime_expiry.to_string(),
+            ),
         ])
     }
 
@@ -108,12 +135,38 @@ impl Labels {
             task: s(TASK),
             // An unreadable expiry counts as expired: a managed container nobody can vouch for.
             lease_expiry: get(LEASE_EXPIRY).and_then(|v| v.parse().ok()).unwrap_or(0),
+            // Without one (made before lifetimes existed) the lease cannot be extended.
+            lifetime_expiry: get(LIFETIME_EXPIRY)
+                .and_then(|v| v.parse().ok())
+                .or_else(|| get(LEASE_EXPIRY).and_then(|v| v.parse().ok()))
+                .unwrap_or(0),
         })
     }
 
-    /// Why a sweep by (`owner`, `incarnation`) at `now` removes this container, if it does.
-    pub fn reclaim_reason(&self, owner: &str, incarnation: &str, now: u64) -> Option<Reclaim> {
-        if self.lease_expiry <= now {
+    /// When the lease ends given a renewal read from the workspace (`renewed`, Docker): the
+    /// later of the label and the renewal, never past the lifetime.
+    pub fn expiry(&self, renewed: Option<u64>) -> u64 {
+        self.lease_expiry
+            .max(renewed.unwrap_or(0))
+            .min(self.lifetime_expiry)
+    }
+
+    /// Whether a renewal recorded in the workspace could still save it at `now`: its
+    /// labelled lease has passed, its lifetime has not.
+    pub fn renewal_matters(&self, now: u64) -> bool {
+        self.lease_expiry <= now && now < self.lifetime_expiry
+    }
+
+    /// Why a sweep by (`owner`, `incarnation`) at `now` removes this container, if it does;
+    /// `renewed` is the renewal read from it, if any.
+    pub fn reclaim_reason(
+        &self,
+        owner: &str,
+        incarnation: &str,
+        now: u64,
+        renewed: Option<u64>,
+    ) -> Option<Reclaim> {
+        if self.expiry(renewed) <= now {
             Some(Reclaim::Expired)
         } else if self.owner == label_value(owner) && self.incarnation != label_value(incarnation) {
             Some(Reclaim::Predecessor)
@@ -173,6 +226,7 @@ mod tests {
             "run 7",
             "django__django-11099",
             Duration::from_secs(60),
+            Duration::from_secs(600),
         );
         assert_eq!(l.owner, "worker_1");
         assert_eq!(l.run, "run_7");
@@ -180,16 +234,38 @@ mod tests {
         let back = Labels::from_map(|k| m.get(k).map(String::as_str)).unwrap();
         assert_eq!(back, l);
         let now = unix_now();
-        assert_eq!(l.reclaim_reason("other", "x", now), None);
-        assert_eq!(l.reclaim_reason("worker/1", "inc-a", now), None);
+        assert_eq!(l.reclaim_reason("other", "x", now, None), None);
+        assert_eq!(l.reclaim_reason("worker/1", "inc-a", now, None), None);
         assert_eq!(
-            l.reclaim_reason("worker/1", "inc-b", now),
+            l.reclaim_reason("worker/1", "inc-b", now, None),
             Some(Reclaim::Predecessor)
         );
         assert_eq!(
-            l.reclaim_reason("other", "x", now + 61),
+            l.reclaim_reason("other", "x", now + 61, None),
             Some(Reclaim::Expired)
         );
+        // A renewal keeps it past the labelled lease, but never past the lifetime, however
+        // far a forged renewal reaches.
+        assert!(l.renewal_matters(now + 61));
+        assert_eq!(
+            l.reclaim_reason("other", "x", now + 61, Some(now + 120)),
+            None
+        );
+        assert_eq!(
+            l.reclaim_reason("other", "x", now + 121, Some(now + 120)),
+            Some(Reclaim::Expired)
+        );
+        assert_eq!(
+            l.reclaim_reason("other", "x", now + 601, Some(u64::MAX)),
+            Some(Reclaim::Expired)
+        );
+        assert!(!l.renewal_matters(now + 601));
+        // Labels from before lifetimes: the lease is all there is.
+        let mut old = m.clone();
+        old.remove(LIFETIME_EXPIRY);
+        let old = Labels::from_map(|k| old.get(k).map(String::as_str)).unwrap();
+        assert_eq!(old.lifetime_expiry, old.lease_expiry);
+        assert_eq!(old.expiry(Some(u64::MAX)), old.lease_expiry);
         assert!(Labels::from_map(|_| None).is_none());
         assert_eq!(label_value("-_a.b_-"), "a.b");
         assert_eq!(label_value(&"x".repeat(100)).len(), 63);

@@ -58,14 +58,209 @@ impl Default for Backend {
     }
 }
 
-/// Builds the sandbox for a backend (connecting to the engine / API server where there is
-/// one); fails clearly for a backend this build lacks or cannot reach.
+impl Backend {
+    /// `local`, `docker` or `kubernetes`, as the configuration names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backend::Local(_) => "local",
+            Backend::Docker(_) => "docker",
+            Backend::Kubernetes(_) => "kubernetes",
+        }
+    }
+
+    /// The mount point workspaces are seen at.
+    pub fn mount_point(&self) -> &Path {
+        match self {
+            Backend::Local(c) => &c.mount_point,
+            Backend::Docker(c) => &c.mount_point,
+            Backend::Kubernetes(c) => &c.mount_point,
+        }
+    }
+
+    /// Sets the mount point (SWE-bench environments expect `/testbed`).
+    pub fn set_mount_point(&mut self, p: impl Into<PathBuf>) {
+        let p = p.into();
+        match self {
+            Backend::Local(c) => c.mount_point = p,
+            Backend::Docker(c) => c.mount_point = p,
+            Backend::Kubernetes(c) => c.mount_point = p,
+        }
+    }
+
+    /// Checks what the types alone cannot, before anything connects; the error names the
+    /// field (`docker.lease_s: …`).
+    pub fn validate(&self) -> Result<(), SandboxError> {
+        let bad = |field: &str, reason: String| {
+            Err(SandboxError::Config {
+                field: format!("{}.{field}", self.kind()),
+                reason,
+            })
+        };
+        if !self.mount_point().is_absolute() {
+            return bad(
+                "mount_point",
+                format!("`{}` is not an absolute path", self.mount_point().display()),
+            );
+        }
+        let leases = |lease_s: u64, max_lifetime_s: u64| {
+            if lease_s < 3 {
+                return bad(
+                    "lease_s",
+                    format!("{lease_s} s is too short (at least 3: it is renewed every third)"),
+                );
+            }
+            if max_lifetime_s < lease_s {
+                return bad(
+                    "max_lifetime_s",
+                    format!("{max_lifetime_s} s is shorter than lease_s ({lease_s} s)"),
+                );
+            }
+            Ok(())
+        };
+        let image = |img: &Option<String>| match img {
+            Some(i) => images::check_reference(i).or_else(|e| bad("default_image", e)),
+            None => Ok(()),
+        };
+        match self {
+            Backend::Local(c) => {
+                if c.uid_slots == 0 {
+                    return bad("uid_slots", "must be at least 1".into());
+                }
+            }
+            Backend::Docker(c) => {
+                leases(c.lease_s, c.max_lifetime_s)?;
+                image(&c.default_image)?;
+                if let Some(e) = &c.endpoint {
+                    let tcp = e.starts_with("tcp://") || e.starts_with("https://");
+                    if !(tcp || e.starts_with("unix://") || e.starts_with("http://")) {
+                        return bad(
+                            "endpoint",
+                            format!(
+                                "`{e}`: use unix://PATH, tcp://HOST:PORT (with tls) or http://HOST:PORT"
+                            ),
+                        );
+                    }
+                    if c.tls.is_some() && !tcp {
+                        return bad(
+                            "tls",
+                            format!("TLS needs a tcp:// or https:// endpoint, not `{e}`"),
+                        );
+                    }
+                }
+                if let Some(t) = &c.tls {
+                    for (f, p) in [
+                        ("tls.ca", &t.ca),
+                        ("tls.cert", &t.cert),
+                        ("tls.key", &t.key),
+                    ] {
+                        if !p.is_file() {
+                            return bad(f, format!("{} does not exist", p.display()));
+                        }
+                    }
+                }
+                if c.cpus.is_some_and(|x| !(x > 0.0)) {
+                    return bad("cpus", "must be above 0".into());
+                }
+                if c.memory_bytes.is_some_and(|m| m < 6 << 20) {
+                    return bad("memory_bytes", "the engine needs at least 6 MiB".into());
+                }
+                if c.api_timeout_s == 0 {
+                    return bad("api_timeout_s", "must be at least 1".into());
+                }
+            }
+            Backend::Kubernetes(c) => {
+                leases(c.lease_s, c.max_lifetime_s)?;
+                image(&c.default_image)?;
+                if !kube::dns_label(&c.namespace) {
+                    return bad(
+                        "namespace",
+                        format!(
+                            "`{}` is not a DNS label (lowercase letters, digits, `-`; at most 63)",
+                            c.namespace
+                        ),
+                    );
+                }
+                if let Some(rc) = &c.runtime_class
+                    && !rc.split('.').all(kube::dns_label)
+                {
+                    return bad("runtime_class", format!("`{rc}` is not a DNS subdomain"));
+                }
+                for (f, q) in [("cpu", &c.cpu), ("memory", &c.memory)] {
+                    if let Some(q) = q
+                        && !kube::quantity_ok(q)
+                    {
+                        return bad(
+                            f,
+                            format!("`{q}` is not a Kubernetes quantity (e.g. 2, 500m, 4Gi)"),
+                        );
+                    }
+                }
+                if c.start_timeout_s == 0 {
+                    return bad("start_timeout_s", "must be at least 1".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds the sandbox for a backend after validating its settings (connecting to the engine /
+/// API server where there is one), and for the container backends starts a sweeper
+/// (`sweep_every_s`) that runs while the sandbox lives; fails clearly for a backend it cannot
+/// reach.
 pub async fn open(backend: &Backend) -> Result<Arc<dyn Sandbox>, SandboxError> {
+    backend.validate()?;
     match backend {
         Backend::Local(cfg) => Ok(Arc::new(BwrapSandbox::new(cfg.clone())?)),
-        Backend::Docker(cfg) => Ok(Arc::new(DockerSandbox::connect(cfg.clone()).await?)),
-        Backend::Kubernetes(cfg) => Ok(Arc::new(KubeSandbox::connect(cfg.clone()).await?)),
+        Backend::Docker(cfg) => {
+            let sb = Arc::new(DockerSandbox::connect(cfg.clone()).await?);
+            sweep_while_alive(&sb, cfg.sweep_every_s);
+            Ok(sb)
+        }
+        Backend::Kubernetes(cfg) => {
+            let sb = Arc::new(KubeSandbox::connect(cfg.clone()).await?);
+            sweep_while_alive(&sb, cfg.sweep_every_s);
+            Ok(sb)
+        }
     }
+}
+
+/// A backend whose leftovers a sweep removes.
+#[async_trait::async_trait]
+trait Sweeps: Send + Sync + 'static {
+    async fn sweep_once(&self) -> Result<SweepReport, SandboxError>;
+}
+
+#[async_trait::async_trait]
+impl Sweeps for DockerSandbox {
+    async fn sweep_once(&self) -> Result<SweepReport, SandboxError> {
+        self.sweep().await
+    }
+}
+
+#[async_trait::async_trait]
+impl Sweeps for KubeSandbox {
+    async fn sweep_once(&self) -> Result<SweepReport, SandboxError> {
+        self.sweep().await
+    }
+}
+
+/// Sweeps every `every_s` seconds (0: never) until the sandbox is dropped.
+fn sweep_while_alive<S: Sweeps>(sb: &Arc<S>, every_s: u64) {
+    if every_s == 0 {
+        return;
+    }
+    let weak = Arc::downgrade(sb);
+    tokio::spawn(async move {
+        loop {
+            let Some(sb) = weak.upgrade() else { return };
+            if let Err(e) = sb.sweep_once().await {
+                tracing::warn!(error = %e, "sandbox sweep failed");
+            }
+            drop(sb);
+            tokio::time::sleep(Duration::from_secs(every_s)).await;
+        }
+    });
 }
 
 /// What a workspace starts from.
@@ -267,6 +462,9 @@ impl RunOutput {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
+    /// A setting out of range; `field` is its path below the backend (`docker.lease_s`).
+    #[error("invalid sandbox setting `{field}`: {reason}")]
+    Config { field: String, reason: String },
     #[error("bubblewrap (`{0}`) not found or not usable: {1}")]
     BwrapUnavailable(String, String),
     #[error("path `{0}` is absolute, empty, or leaves the workspace")]
@@ -374,6 +572,50 @@ mod tests {
     }
 
     #[test]
+    fn backend_settings_are_validated_naming_the_field() {
+        let err = |b: Backend| b.validate().unwrap_err().to_string();
+        assert!(Backend::default().validate().is_ok());
+        let d = |f: fn(&mut DockerConfig)| {
+            let mut c = DockerConfig::default();
+            f(&mut c);
+            Backend::Docker(c)
+        };
+        assert!(d(|_| {}).validate().is_ok());
+        assert!(err(d(|c| c.lease_s = 1)).contains("docker.lease_s"));
+        assert!(err(d(|c| c.max_lifetime_s = 10)).contains("docker.max_lifetime_s"));
+        assert!(err(d(|c| c.endpoint = Some("ftp://x".into()))).contains("docker.endpoint"));
+        assert!(err(d(|c| c.cpus = Some(0.0))).contains("docker.cpus"));
+        assert!(err(d(|c| c.default_image = Some("a b".into()))).contains("docker.default_image"));
+        assert!(err(d(|c| c.mount_point = "testbed".into())).contains("docker.mount_point"));
+        let tls = DockerTls {
+            ca: "/nonexistent/ca.pem".into(),
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+        };
+        let mut c = DockerConfig {
+            endpoint: Some("unix:///var/run/docker.sock".into()),
+            tls: Some(tls),
+            ..Default::default()
+        };
+        assert!(err(Backend::Docker(c.clone())).contains("docker.tls"));
+        c.endpoint = Some("tcp://127.0.0.1:2376".into());
+        assert!(err(Backend::Docker(c)).contains("`docker.tls.ca`: /nonexistent/ca.pem"));
+        let k = |f: fn(&mut KubernetesConfig)| {
+            let mut c = KubernetesConfig::default();
+            f(&mut c);
+            Backend::Kubernetes(c)
+        };
+        assert!(k(|c| c.cpu = Some("500m".into())).validate().is_ok());
+        assert!(k(|c| c.memory = Some("4Gi".into())).validate().is_ok());
+        assert!(k(|c| c.memory = Some("1.5e9".into())).validate().is_ok());
+        assert!(err(k(|c| c.memory = Some("4 GB".into()))).contains("kubernetes.memory"));
+        assert!(err(k(|c| c.cpu = Some("two".into()))).contains("kubernetes.cpu"));
+        assert!(err(k(|c| c.namespace = "Sandboxes".into())).contains("kubernetes.namespace"));
+        assert!(err(k(|c| c.runtime_class = Some("g_visor".into()))).contains("runtime_class"));
+        assert!(err(k(|c| c.lease_s = 0)).contains("kubernetes.lease_s"));
+    }
+
+    #[test]
     fn backend_config_parses() {
         let b: Backend = serde_json::from_str(
             r#"{"kind":"docker","endpoint":"unix:///var/run/docker.sock","pull_policy":"never","owner":"w1"}"#,
@@ -383,5 +625,11 @@ mod tests {
         assert_eq!(d.pull_policy, PullPolicy::Never);
         assert_eq!(d.owner, "w1");
         assert_eq!(d.mount_point, PathBuf::from("/testbed"));
+        // A misspelt option is refused, not ignored.
+        let e = serde_json::from_str::<Backend>(r#"{"kind":"docker","pul_policy":"never"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("pul_policy"), "{e}");
+        let e = serde_json::from_str::<Backend>(r#"{"kind":"podman"}"#).unwrap_err();
+        assert!(e.to_string().contains("podman"), "{e}");
     }
 }

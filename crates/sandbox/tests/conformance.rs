@@ -855,6 +855,99 @@ async fn owner_killed_with_9_leaks_nothing(t: &Target) {
     }
 }
 
+/// A live owner renews its lease: a workspace held past its labelled lease survives
+/// anyone's sweep, through the renewal its owner keeps writing (a file in the container for
+/// Docker, the lease label for Kubernetes). Once renewals stop, the sweep takes it: the
+/// kill -9 check with a 3 s lease ([`owner_killed_with_9_leaks_nothing`]).
+async fn held_workspace_outlives_its_lease(t: &Target) {
+    let label = |labels: &std::collections::HashMap<String, String>, k: &str| -> u64 {
+        labels[k].parse().unwrap()
+    };
+    match &t.kind {
+        Kind::Local => unreachable!("leases are for container backends"),
+        Kind::Docker(sweeper) => {
+            let mut cfg = docker_config("renewing");
+            cfg.lease_s = 3;
+            let owner = testing::docker_or_skip("renewal", cfg).await.unwrap();
+            let ws = owner.prepare(&WorkspaceSpec::default()).await.unwrap();
+            let info = sweeper
+                .client()
+                .inspect_container(&ws.id, None)
+                .await
+                .unwrap();
+            let labels = info.config.unwrap().labels.unwrap();
+            let leased = label(&labels, lease::LEASE_EXPIRY);
+            tokio::time::sleep(Duration::from_millis(4500)).await;
+            assert!(lease::unix_now() > leased, "past the labelled lease");
+            let report = sweeper.sweep().await.unwrap();
+            assert!(
+                !report.expired.iter().any(|n| n.contains(&ws.id[..12])),
+                "{report:?}"
+            );
+            let o = owner
+                .run(&ws, &RunSpec::shell("cat /.davinci-lease"), &limits())
+                .await
+                .unwrap();
+            assert!(o.success(), "{o:?}");
+            let renewed: u64 = o.stdout_str().trim().parse().unwrap();
+            assert!(renewed > leased, "renewed to {renewed}, labelled {leased}");
+            owner.release(ws).await.unwrap();
+        }
+        Kind::Kube(sweeper, fake, _) => {
+            let mut cfg = kube_config(fake, "renewing");
+            cfg.lease_s = 3;
+            let owner = KubeSandbox::connect(cfg).await.unwrap();
+            let ws = owner.prepare(&WorkspaceSpec::default()).await.unwrap();
+            let lease_of = |name: &str| -> u64 {
+                let p = fake
+                    .pods()
+                    .into_iter()
+                    .find(|p| p["metadata"]["name"] == name)
+                    .expect("the pod");
+                p["metadata"]["labels"][lease::LEASE_EXPIRY]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            let leased = lease_of(&ws.id);
+            tokio::time::sleep(Duration::from_millis(4500)).await;
+            assert!(lease::unix_now() > leased, "past the first lease");
+            let report = sweeper.sweep().await.unwrap();
+            assert!(!report.expired.contains(&ws.id), "{report:?}");
+            assert!(lease_of(&ws.id) > leased, "the label was renewed");
+            let o = owner
+                .run(&ws, &RunSpec::shell("true"), &limits())
+                .await
+                .unwrap();
+            assert!(o.success(), "{o:?}");
+            owner.release(ws).await.unwrap();
+        }
+    }
+}
+
+mod renewal {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn docker() {
+        if std::env::var(super::WORKER_ENV).is_ok() {
+            return;
+        }
+        if let Some(t) = super::Target::docker().await {
+            super::held_workspace_outlives_its_lease(&t).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kubernetes() {
+        if std::env::var(super::WORKER_ENV).is_ok() {
+            return;
+        }
+        if let Some(t) = super::Target::kube().await {
+            super::held_workspace_outlives_its_lease(&t).await;
+        }
+    }
+}
+
 fn uuid_like() -> String {
     format!(
         "{}-{}",

@@ -33,7 +33,8 @@ fn full_config() -> KubernetesConfig {
         }],
         cpu: Some("2".into()),
         memory: Some("4Gi".into()),
-        lease_s: 7200,
+        lease_s: 300,
+        max_lifetime_s: 7200,
         ..Default::default()
     }
 }
@@ -55,7 +56,15 @@ fn pod_and_network_policy_are_valid_kubernetes() {
     assert_eq!(spec["automountServiceAccountToken"], false);
     assert_eq!(spec["runtimeClassName"], "gvisor");
     assert_eq!(spec["restartPolicy"], "Never");
+    // The kubelet ends the pod at its lifetime; the renewed lease label ends it sooner when
+    // its owner dies.
     assert_eq!(spec["activeDeadlineSeconds"], 7200);
+    let labels = &v["metadata"]["labels"];
+    let num = |k: &str| labels[k].as_str().unwrap().parse::<u64>().unwrap();
+    assert_eq!(
+        num(davinci_sandbox::lease::LIFETIME_EXPIRY) - num(davinci_sandbox::lease::LEASE_EXPIRY),
+        7200 - 300
+    );
     assert_eq!(spec["nodeSelector"]["davinci.dev/pool"], "sandbox");
     assert_eq!(spec["tolerations"][0]["effect"], "NoSchedule");
     let c = &spec["containers"][0];
