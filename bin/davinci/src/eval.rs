@@ -1,14 +1,14 @@
 //! `davinci eval`: grade model outputs on SWE-bench, HumanEval / EvalPlus, multiple-choice
-//! and numeric benchmarks. Untrusted code (patches, tests, completions) runs only in the
-//! bubblewrap sandbox.
+//! and numeric benchmarks. Untrusted code (patches, tests, completions) runs only in a
+//! sandbox: SWE-bench on the backend `--sandbox` names (bubblewrap, Docker, Kubernetes),
+//! HumanEval under bubblewrap.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use davinci_evaluator::humaneval::{self, Options, PythonEnv, Runner};
-use davinci_evaluator::sandbox::{BwrapSandbox, LocalConfig};
+use davinci_evaluator::sandbox::{self as sbx, Backend, LocalConfig};
 use davinci_evaluator::scoring;
 use davinci_evaluator::swebench::{
     self, Harness, HarnessConfig, data::index_instances, harness::status_name,
@@ -77,6 +77,133 @@ pub struct SweBenchRun {
     /// Allow network during setup (tests never get it).
     #[arg(long)]
     pub setup_network: bool,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// Where SWE-bench instances run.
+#[derive(Debug, clap::Args)]
+pub struct SandboxArgs {
+    /// Sandbox backend: `local` (bubblewrap on prepared trees, --repos), `docker` (one
+    /// container per instance from its image: `env.image` / SWE-rebench `docker_image`, else
+    /// swebench/sweb.eval.x86_64.<id>) or `kubernetes` (one pod per instance).
+    #[arg(long, value_parser = ["local", "docker", "kubernetes"])]
+    pub sandbox: Option<String>,
+    /// Backend options as YAML or JSON, shaped like the `sandbox:` settings section
+    /// (`kind` plus that backend's options: lease_s, cpus, memory_bytes, runtime, tls,
+    /// node_selector, tolerations, …); the flags below override it.
+    #[arg(long, value_name = "FILE")]
+    pub sandbox_config: Option<PathBuf>,
+    /// Docker Engine endpoint: unix:///var/run/docker.sock, tcp://HOST:2376 (with
+    /// --docker-tls-dir) or http://HOST:2375 (default: $DOCKER_HOST, else the local socket).
+    #[arg(long, value_name = "URI")]
+    pub docker_host: Option<String>,
+    /// Directory with ca.pem, cert.pem and key.pem for a TLS Docker endpoint.
+    #[arg(long, value_name = "DIR")]
+    pub docker_tls_dir: Option<PathBuf>,
+    /// When images are pulled (docker, kubernetes).
+    #[arg(long, value_parser = ["always", "if-not-present", "never"])]
+    pub pull_policy: Option<String>,
+    /// Kubernetes API server URL (default: in-cluster service account or kubeconfig).
+    #[arg(long, value_name = "URL")]
+    pub kube_url: Option<String>,
+    /// Namespace of the sandbox pods.
+    #[arg(long, value_name = "NS")]
+    pub kube_namespace: Option<String>,
+    /// RuntimeClass of the sandbox pods (gvisor, kata) or OCI runtime of the containers
+    /// (runsc).
+    #[arg(long, value_name = "NAME")]
+    pub runtime_class: Option<String>,
+}
+
+impl SandboxArgs {
+    /// The backend the flags describe, validated before any work starts.
+    pub fn backend(&self) -> anyhow::Result<Backend> {
+        let mut v = match &self.sandbox_config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                let v: serde_json::Value = serde_norway::from_str(&text)
+                    .with_context(|| format!("{} is not YAML or JSON", p.display()))?;
+                anyhow::ensure!(v.is_object(), "{}: not a mapping of options", p.display());
+                v
+            }
+            None => serde_json::json!({}),
+        };
+        if let Some(k) = &self.sandbox {
+            v["kind"] = k.as_str().into();
+        }
+        if v.get("kind").is_none() {
+            v["kind"] = "local".into();
+        }
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        let mut set = |flag: &str, key: &str, val: Option<serde_json::Value>, kinds: &[&str]| {
+            if let Some(val) = val {
+                anyhow::ensure!(
+                    kinds.contains(&kind.as_str()),
+                    "--{flag} applies to the {} backend, not `{kind}`",
+                    kinds.join(" or ")
+                );
+                v[key] = val;
+            }
+            Ok(())
+        };
+        set(
+            "docker-host",
+            "endpoint",
+            self.docker_host.clone().map(Into::into),
+            &["docker"],
+        )?;
+        set(
+            "docker-tls-dir",
+            "tls",
+            self.docker_tls_dir.as_ref().map(|d| {
+                serde_json::json!({"ca": d.join("ca.pem"), "cert": d.join("cert.pem"), "key": d.join("key.pem")})
+            }),
+            &["docker"],
+        )?;
+        set(
+            "pull-policy",
+            "pull_policy",
+            self.pull_policy
+                .as_ref()
+                .map(|p| p.replace('-', "_").into()),
+            &["docker", "kubernetes"],
+        )?;
+        set(
+            "kube-url",
+            "cluster_url",
+            self.kube_url.clone().map(Into::into),
+            &["kubernetes"],
+        )?;
+        set(
+            "kube-namespace",
+            "namespace",
+            self.kube_namespace.clone().map(Into::into),
+            &["kubernetes"],
+        )?;
+        let rc_key = if kind == "docker" {
+            "runtime"
+        } else {
+            "runtime_class"
+        };
+        set(
+            "runtime-class",
+            rc_key,
+            self.runtime_class.clone().map(Into::into),
+            &["docker", "kubernetes"],
+        )?;
+        let what = self
+            .sandbox_config
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the sandbox flags".into());
+        let mut b: Backend = serde_path_to_error::deserialize(v)
+            .map_err(|e| anyhow::anyhow!("{what} at `{}`: {}", e.path(), e.inner()))?;
+        b.set_mount_point("/testbed");
+        b.validate()?;
+        Ok(b)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -197,14 +324,12 @@ async fn swe_bench(r: SweBenchRun) -> anyhow::Result<()> {
         .instances
         .context("--instances is required (or use `swe-bench grade`)")?;
     let preds_path = r.predictions.context("--predictions is required")?;
+    let backend = r.sandbox.backend()?;
     let instances = index_instances(swebench::load_instances(&instances_path)?);
     let preds = swebench::load_predictions(&preds_path)?;
-    let sb = BwrapSandbox::new(LocalConfig {
-        mount_point: "/testbed".into(),
-        ..Default::default()
-    })?;
+    let sb = sbx::open(&backend).await?;
     let harness = Harness::new(
-        Arc::new(sb),
+        sb,
         HarnessConfig {
             out_dir: r.out.clone(),
             repos_dir: r.repos,
@@ -225,9 +350,10 @@ async fn swe_bench(r: SweBenchRun) -> anyhow::Result<()> {
         .await?;
     pb.finish_and_clear();
     println!(
-        "SWE-bench: {} predictions in {:.1}s -> {}",
+        "SWE-bench: {} predictions in {:.1}s on the {} sandbox -> {}",
         preds.len(),
         t.elapsed().as_secs_f64(),
+        backend.kind(),
         r.out.display()
     );
     println!("{:<28} {:>8}", "status", "count");
@@ -408,4 +534,86 @@ fn print_accuracy(total: usize, correct: usize, unparsed: usize) {
         correct as f64 / total as f64
     };
     println!("{:<12} {:>8.4}", "accuracy", acc);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(f: impl FnOnce(&mut SandboxArgs)) -> SandboxArgs {
+        let mut a = SandboxArgs {
+            sandbox: None,
+            sandbox_config: None,
+            docker_host: None,
+            docker_tls_dir: None,
+            pull_policy: None,
+            kube_url: None,
+            kube_namespace: None,
+            runtime_class: None,
+        };
+        f(&mut a);
+        a
+    }
+
+    #[test]
+    fn sandbox_flags_make_a_validated_backend() {
+        let b = args(|_| {}).backend().unwrap();
+        assert_eq!(
+            (b.kind(), b.mount_point()),
+            ("local", Path::new("/testbed"))
+        );
+        let b = args(|a| {
+            a.sandbox = Some("docker".into());
+            a.docker_host = Some("tcp://10.0.0.5:2375".into());
+            a.pull_policy = Some("if-not-present".into());
+            a.runtime_class = Some("runsc".into());
+        })
+        .backend()
+        .unwrap();
+        let Backend::Docker(d) = b else { panic!() };
+        assert_eq!(d.endpoint.as_deref(), Some("tcp://10.0.0.5:2375"));
+        assert_eq!(d.runtime.as_deref(), Some("runsc"));
+        assert_eq!(d.pull_policy, sbx::PullPolicy::IfNotPresent);
+        // Options from a file, a flag on top; the kind from the file.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sbx.yaml");
+        std::fs::write(
+            &f,
+            "kind: kubernetes\nnamespace: sbx\ncpu: '2'\nnode_selector: {pool: sandbox}\n",
+        )
+        .unwrap();
+        let b = args(|a| {
+            a.sandbox_config = Some(f.clone());
+            a.runtime_class = Some("gvisor".into());
+        })
+        .backend()
+        .unwrap();
+        let Backend::Kubernetes(k) = b else { panic!() };
+        assert_eq!(
+            (k.namespace.as_str(), k.runtime_class.as_deref()),
+            ("sbx", Some("gvisor"))
+        );
+        // Refused before any work: a flag of another backend, a bad value, a misspelt option.
+        let e = args(|a| a.kube_url = Some("http://x".into()))
+            .backend()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--kube-url applies to the kubernetes"),
+            "{e}"
+        );
+        let e = args(|a| {
+            a.sandbox = Some("docker".into());
+            a.docker_tls_dir = Some("/nonexistent".into());
+            a.docker_host = Some("tcp://h:2376".into());
+        })
+        .backend()
+        .unwrap_err();
+        assert!(e.to_string().contains("docker.tls.ca"), "{e}");
+        std::fs::write(&f, "kind: docker\nleas_s: 60\n").unwrap();
+        let e = args(|a| a.sandbox_config = Some(f.clone()))
+            .backend()
+            .unwrap_err();
+        assert!(e.to_string().contains("leas_s"), "{e}");
+    }
 }

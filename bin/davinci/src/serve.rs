@@ -290,7 +290,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     routes.add_service(davinci_proto::v1::evaluator_server::EvaluatorServer::new(
                         davinci_evaluator::serve::EvaluatorService::new(
                             jobs,
-                            evaluator_config(&ctx.settings.evaluator),
+                            evaluator_config(&ctx.settings),
                         ),
                     ))
                 }
@@ -394,13 +394,27 @@ fn own_addr(listen: &str) -> String {
     )
 }
 
+/// The evaluator's settings: SWE-bench on the `sandbox:` backend, HumanEval under bubblewrap
+/// (the local backend's options when that is the backend); `evaluator.work_root` places the
+/// local workspaces.
 fn evaluator_config(
-    e: &davinci_runtime::config::EvaluatorSettings,
+    settings: &davinci_runtime::config::Settings,
 ) -> davinci_evaluator::serve::ServeConfig {
+    use davinci_evaluator::sandbox::Backend;
+    let e = &settings.evaluator;
     let mut c = davinci_evaluator::serve::ServeConfig::default();
     let path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));
     c.repos_dir = path(&e.repos_dir);
-    c.sandbox.work_root = path(&e.work_root);
+    c.sandbox = settings.sandbox.clone();
+    if let Backend::Local(l) = &mut c.sandbox {
+        if let Some(w) = path(&e.work_root) {
+            l.work_root = Some(w);
+        }
+        c.local = l.clone();
+    }
+    if let Some(w) = path(&e.work_root) {
+        c.local.work_root = Some(w);
+    }
     c.python = e.python.clone();
     c
 }

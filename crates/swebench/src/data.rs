@@ -77,8 +77,28 @@ pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Resu
     Ok(out)
 }
 
+/// The image name SWE-rebench rows give at the top level (`docker_image`, or `image_name`),
+/// used verbatim as the instance's image.
+#[derive(Deserialize)]
+struct PublishedImage {
+    #[serde(default)]
+    docker_image: Option<String>,
+    #[serde(default)]
+    image_name: Option<String>,
+}
+
 pub fn load_instances(path: &Path) -> anyhow::Result<Vec<TaskInstance>> {
-    let v: Vec<TaskInstance> = read_records(path)?;
+    let mut v: Vec<TaskInstance> = read_records(path)?;
+    // A second pass for the image names, so errors above keep naming the instance field.
+    let images: Vec<PublishedImage> = read_records(path)?;
+    for (i, img) in v.iter_mut().zip(images) {
+        if i.env.image.is_none() {
+            i.env.image = img
+                .docker_image
+                .or(img.image_name)
+                .filter(|s| !s.trim().is_empty());
+        }
+    }
     let mut seen = std::collections::HashSet::new();
     for i in &v {
         anyhow::ensure!(

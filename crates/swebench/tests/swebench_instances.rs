@@ -104,3 +104,33 @@ fn swe_bench_lite_reads_with_and_without_nulls() {
         assert_eq!((b.hints_text.as_str(), b.version.as_str()), ("", ""));
     }
 }
+
+/// Environment images as the published sets name them: a SWE-rebench row's `docker_image`
+/// (or `image_name`) verbatim, an `env.image` over both, else the official SWE-bench instance
+/// image (`__` → `_1776_`).
+#[test]
+fn published_image_names_are_used_as_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("rows.jsonl");
+    let rows = [
+        r#"{"instance_id":"0b01001001__spectree-64","repo":"0b01001001/spectree","base_commit":"a","docker_image":"swerebench/sweb.eval.x86_64.0b01001001_1776_spectree-64"}"#,
+        r#"{"instance_id":"acme__calc-2","repo":"acme/calc","base_commit":"b","image_name":"registry.example/acme/calc:2"}"#,
+        r#"{"instance_id":"acme__calc-3","repo":"acme/calc","base_commit":"c","docker_image":"x/y:1","env":{"image":"mine/calc:3"}}"#,
+        r#"{"instance_id":"django__django-11099","repo":"django/django","base_commit":"d","docker_image":null}"#,
+    ];
+    std::fs::write(&p, rows.join("\n")).unwrap();
+    let v = davinci_evaluator::swebench::load_instances(&p).unwrap();
+    let images: Vec<String> = v
+        .iter()
+        .map(davinci_evaluator::swebench::harness::instance_image)
+        .collect();
+    assert_eq!(
+        images,
+        [
+            "swerebench/sweb.eval.x86_64.0b01001001_1776_spectree-64",
+            "registry.example/acme/calc:2",
+            "mine/calc:3",
+            "swebench/sweb.eval.x86_64.django_1776_django-11099:latest",
+        ]
+    );
+}

@@ -3,7 +3,10 @@
 //! A job evaluates one benchmark in this process, in the sandbox: `swe-bench` (instances +
 //! predictions), `humaneval` / `humanevalplus` (problems + samples), `mc` / `numeric`
 //! (answers file in `samples`). Paths are local paths (or `file://` URIs) on the server;
-//! other storage schemes are refused by name.
+//! other storage schemes are refused by name. SWE-bench instances run on the configured
+//! sandbox backend (`sandbox:` settings: local bubblewrap, Docker or Kubernetes), opened once
+//! for the service's life so its sweeper reclaims what a killed predecessor left; HumanEval
+//! runs the host's Python under bubblewrap.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -13,7 +16,7 @@ use std::time::Duration;
 use davinci_proto::v1::evaluator_server::Evaluator as EvaluatorRpc;
 use davinci_proto::v1::{EvalSpec, Job, JobRef, ProgressEvent, StartEvalRequest};
 use davinci_runtime::jobs::{JobHandle, JobRegistry};
-use davinci_sandbox::{BwrapSandbox, LocalConfig};
+use davinci_sandbox::{Backend, LocalConfig, Sandbox};
 use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
@@ -23,7 +26,10 @@ use crate::swebench::{self, Harness, HarnessConfig};
 /// Server-side settings (never taken from the caller).
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    pub sandbox: LocalConfig,
+    /// Where SWE-bench instances run; workspaces are mounted at `/testbed`.
+    pub sandbox: Backend,
+    /// The bubblewrap settings HumanEval runs with.
+    pub local: LocalConfig,
     /// Prepared SWE-bench environments (see [`crate::swebench::harness`]).
     pub repos_dir: Option<PathBuf>,
     pub python: String,
@@ -32,7 +38,8 @@ pub struct ServeConfig {
 impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
-            sandbox: LocalConfig::default(),
+            sandbox: Backend::default(),
+            local: LocalConfig::default(),
             repos_dir: None,
             python: "python3".into(),
         }
@@ -42,12 +49,33 @@ impl Default for ServeConfig {
 pub struct EvaluatorService {
     jobs: JobRegistry,
     cfg: ServeConfig,
+    swe_sandbox: Arc<tokio::sync::OnceCell<Arc<dyn Sandbox>>>,
 }
 
 impl EvaluatorService {
     pub fn new(jobs: JobRegistry, cfg: ServeConfig) -> Self {
-        EvaluatorService { jobs, cfg }
+        EvaluatorService {
+            jobs,
+            cfg,
+            swe_sandbox: Arc::default(),
+        }
     }
+}
+
+/// The SWE-bench sandbox, opened on first use (an unreachable engine fails that job and is
+/// tried again by the next).
+async fn swe_sandbox(
+    cell: &tokio::sync::OnceCell<Arc<dyn Sandbox>>,
+    backend: &Backend,
+) -> anyhow::Result<Arc<dyn Sandbox>> {
+    let sb = cell
+        .get_or_try_init(|| async {
+            let mut b = backend.clone();
+            b.set_mount_point("/testbed");
+            davinci_sandbox::open(&b).await
+        })
+        .await?;
+    Ok(sb.clone())
 }
 
 fn bad(field: &str, why: &str) -> Status {
@@ -109,16 +137,14 @@ fn score(benchmark: &str, score: &str, value: f64) {
 
 async fn run_swe_bench(
     cfg: ServeConfig,
+    sb: Arc<tokio::sync::OnceCell<Arc<dyn Sandbox>>>,
     spec: EvalSpec,
     handle: JobHandle,
 ) -> anyhow::Result<Vec<String>> {
     let instances =
         swebench::data::index_instances(swebench::load_instances(Path::new(&spec.instances))?);
     let preds = swebench::load_predictions(Path::new(&spec.predictions))?;
-    let sb = BwrapSandbox::new(LocalConfig {
-        mount_point: "/testbed".into(),
-        ..cfg.sandbox.clone()
-    })?;
+    let sb = swe_sandbox(&sb, &cfg.sandbox).await?;
     let timeout = if spec.timeout_s > 0 {
         spec.timeout_s as u64
     } else {
@@ -126,7 +152,7 @@ async fn run_swe_bench(
     };
     let out = PathBuf::from(&spec.out);
     let harness = Harness::new(
-        Arc::new(sb),
+        sb,
         HarnessConfig {
             out_dir: out.clone(),
             repos_dir: cfg.repos_dir.clone(),
@@ -173,7 +199,7 @@ async fn run_humaneval(
     if spec.timeout_s > 0 {
         opts.timeout = Duration::from_secs(spec.timeout_s as u64);
     }
-    let runner = Runner::local(cfg.sandbox.clone(), PythonEnv::detect(&cfg.python)?, opts)?;
+    let runner = Runner::local(cfg.local.clone(), PythonEnv::detect(&cfg.python)?, opts)?;
     let (tx, task) = reporter(&handle, samples.len() as u64);
     let res = runner
         .evaluate(&problems, &samples, &[1, 10, 100], &|r| {
@@ -248,12 +274,13 @@ impl EvaluatorRpc for EvaluatorService {
         })
         .to_string();
         let cfg = self.cfg.clone();
+        let sb = self.swe_sandbox.clone();
         let job = self
             .jobs
             .spawn("eval", &req.run_id, spec_json, move |handle| {
                 Box::pin(async move {
                     if spec.benchmark == "swe-bench" {
-                        run_swe_bench(cfg, spec, handle).await
+                        run_swe_bench(cfg, sb, spec, handle).await
                     } else {
                         run_humaneval(cfg, spec, handle).await
                     }
