@@ -158,7 +158,7 @@ impl Backend {
                         }
                     }
                 }
-                if c.cpus.is_some_and(|x| !(x > 0.0)) {
+                if c.cpus.is_some_and(|x| x.is_nan() || x <= 0.0) {
                     return bad("cpus", "must be above 0".into());
                 }
                 if c.memory_bytes.is_some_and(|m| m < 6 << 20) {
