@@ -15,9 +15,9 @@ REPO ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-deps: ## Debian packages the project runs with (git, redis-server, bubblewrap, python3 venv, prometheus for the observability test)
+deps: ## Debian packages the project runs with (git, redis-server, bubblewrap, python3 venv, prometheus for the observability test, openssl and docker-registry for the sandbox TLS tests)
 	@missing=""; \
-	for p in git patch redis-server:redis-server bwrap:bubblewrap python3:python3 setpriv:util-linux promtool:prometheus ; do \
+	for p in git patch redis-server:redis-server bwrap:bubblewrap python3:python3 setpriv:util-linux promtool:prometheus openssl:openssl docker-registry:docker-registry ; do \
 	  bin=$${p%%:*}; pkg=$${p##*:}; command -v $$bin >/dev/null || missing="$$missing $$pkg"; \
 	done; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv python3-pip"; \
