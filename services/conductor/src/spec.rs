@@ -73,6 +73,15 @@ pub struct Sources {
     /// Only the newest N PRs per repository (0: all).
     #[serde(default)]
     pub max_prs_per_repo: u32,
+    /// With `github`: PRs whose metadata one GraphQL query fetches (absent: the crawler's
+    /// default, 25; 0: one PR at a time over REST). Left out of the YAML when absent, so
+    /// run ids of specs without it stay what they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_batch: Option<u32>,
+    /// With `github`: also hold every kept PR against the API's commits and files (two or
+    /// more REST requests per PR).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub api_cross_check: bool,
 }
 
 /// One entry of `sources.repos`: a string, `PATH|URL` or `PATH|URL,name=OWNER/NAME`, or a
@@ -507,6 +516,21 @@ impl RunSpec {
                 ));
             }
         }
+        if self.sources.api_cross_check && !self.sources.github {
+            return Err(err(
+                "sources.api_cross_check",
+                "cross-checking against the API needs `github: true`",
+            ));
+        }
+        // The crawler's limit on PRs per GraphQL query.
+        if let Some(n) = self.sources.github_batch
+            && n > 100
+        {
+            return Err(err(
+                "sources.github_batch",
+                format!("{n} PRs per GraphQL query is more than 100"),
+            ));
+        }
         if !matches!(self.filters.subset.as_str(), "python" | "general") {
             return Err(err(
                 "filters.subset",
@@ -642,6 +666,8 @@ impl RunSpec {
             subset: self.filters.subset.clone(),
             exclude_repos: self.filters.exclude_repos.clone(),
             max_prs_per_repo: self.sources.max_prs_per_repo,
+            github_batch: self.sources.github_batch,
+            api_cross_check: self.sources.api_cross_check,
             bot_logins: self.filters.bot_logins.clone(),
             ..Default::default()
         }
@@ -841,6 +867,7 @@ mod tests {
         assert_eq!(c.repos, ["/src/cachetools", "/m/widgets.git", "/m/g.git"]);
         assert_eq!(c.repo_names.len(), 2);
         assert_eq!(c.repo_names["/m/g.git"], "acme/gadgets");
+        assert_eq!((c.github_batch, c.api_cross_check), (None, false));
         // A spec without names keeps its run id: unnamed repositories serialize as strings.
         assert!(
             RunSpec::parse(OK)
@@ -848,6 +875,29 @@ mod tests {
                 .to_yaml()
                 .contains("- /src/cachetools")
         );
+    }
+
+    #[test]
+    fn crawl_batching_and_cross_check_reach_the_crawl_spec() {
+        let with = |extra: &str| OK.replace("sources:\n", &format!("sources:\n{extra}"));
+        let s = RunSpec::parse(&with("  github: true\n  github_batch: 10\n  api_cross_check: true\n"))
+            .unwrap();
+        let c = s.crawl_spec("file:///d");
+        assert_eq!((c.github_batch, c.api_cross_check), (Some(10), true));
+        let c = RunSpec::parse(&with("  github: true\n  github_batch: 0\n"))
+            .unwrap()
+            .crawl_spec("file:///d");
+        assert_eq!(c.github_batch, Some(0), "0: one PR at a time");
+        assert_eq!(
+            path_of(&with("  api_cross_check: true\n")),
+            "sources.api_cross_check"
+        );
+        assert_eq!(
+            path_of(&with("  github: true\n  github_batch: 500\n")),
+            "sources.github_batch"
+        );
+        // Specs that do not say keep their run id.
+        assert!(!RunSpec::parse(OK).unwrap().to_yaml().contains("github_batch"));
     }
 
     fn path_of(yaml: &str) -> String {

@@ -31,6 +31,10 @@ use tonic::{Request, Response, Status};
 /// Queue topic of per-repository crawl tasks.
 pub const REPO_TOPIC: &str = "crawl-repos";
 
+/// Most PRs one GraphQL metadata query may ask for (a bigger query risks GitHub's per-query
+/// node and time limits).
+pub const MAX_GITHUB_BATCH: u32 = 100;
+
 /// Applies a gRPC spec on top of the service's base config; bad fields are refused by name.
 /// Discovery is asked for by any of `min_stars`, `top_n`, `languages`, `license_allow`.
 pub fn config_from_spec(
@@ -101,6 +105,25 @@ pub fn config_from_spec(
         .bot_logins
         .extend(spec.bot_logins.iter().cloned());
     cfg.max_prs_per_repo = spec.max_prs_per_repo as usize;
+    if let Some(n) = spec.github_batch {
+        if n > MAX_GITHUB_BATCH {
+            return Err(bad(
+                "github_batch",
+                format!("{n} PRs per GraphQL query is more than {MAX_GITHUB_BATCH}"),
+            ));
+        }
+        cfg.api_batch = (n > 0).then(|| crate::batch::BatchPages {
+            prs: n as usize,
+            ..Default::default()
+        });
+    }
+    if spec.api_cross_check && !spec.github {
+        return Err(bad(
+            "api_cross_check",
+            "cross-checking against the API needs `github`".into(),
+        ));
+    }
+    cfg.api_cross_check = spec.api_cross_check;
     for (i, r) in spec.repos.iter().enumerate() {
         if r.trim().is_empty() {
             return Err(bad(&format!("repos[{i}]"), "empty".into()));
@@ -296,6 +319,7 @@ impl CrawlerRpc for CrawlerService {
             "repos": spec.repos, "out": spec.out, "subset": spec.subset, "github": spec.github,
             "github_api_url": spec.github_api_url, "exclude_repos": spec.exclude_repos,
             "bot_logins": spec.bot_logins, "max_prs_per_repo": spec.max_prs_per_repo,
+            "github_batch": spec.github_batch, "api_cross_check": spec.api_cross_check,
             "gharchive": spec.gharchive, "languages": spec.languages,
             "min_stars": spec.min_stars, "top_n": spec.top_n, "license_allow": spec.license_allow,
         })
@@ -348,6 +372,11 @@ pub struct CrawlWork {
     pub max_prs_per_repo: u32,
     pub github: bool,
     pub github_api_url: String,
+    /// PRs per GraphQL metadata query (`None`: the crawler's default; 0: one at a time).
+    #[serde(default)]
+    pub github_batch: Option<u32>,
+    #[serde(default)]
+    pub api_cross_check: bool,
     /// The repositories, by part name.
     pub repos: BTreeMap<String, RepoEntry>,
 }
@@ -371,6 +400,8 @@ impl CrawlWork {
             max_prs_per_repo: spec.max_prs_per_repo,
             github: spec.github,
             github_api_url: spec.github_api_url.clone(),
+            github_batch: spec.github_batch,
+            api_cross_check: spec.api_cross_check,
             repos: BTreeMap::new(),
         }
     }
@@ -386,6 +417,8 @@ impl CrawlWork {
             max_prs_per_repo: self.max_prs_per_repo,
             github: self.github,
             github_api_url: self.github_api_url.clone(),
+            github_batch: self.github_batch,
+            api_cross_check: self.api_cross_check,
             ..Default::default()
         }
     }
@@ -556,4 +589,71 @@ pub async fn worker(
         crawl_part(c, &base, github.clone(), &s3, &sd)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> CrawlSpec {
+        CrawlSpec {
+            repos: vec!["/src/r".into()],
+            out: "file:///out".into(),
+            github: true,
+            github_batch: Some(7),
+            api_cross_check: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batching_and_cross_check_come_from_the_spec() {
+        let base = CrawlConfig::new("x");
+        let (cfg, _) = config_from_spec(&base, "r1", &spec()).unwrap();
+        assert_eq!(cfg.api_batch.as_ref().map(|b| b.prs), Some(7));
+        assert!(cfg.api_cross_check);
+        // 0: one PR at a time; unset: the crawler's own setting.
+        let one = CrawlSpec {
+            github_batch: Some(0),
+            ..spec()
+        };
+        assert!(config_from_spec(&base, "r1", &one).unwrap().0.api_batch.is_none());
+        let unset = CrawlSpec {
+            github_batch: None,
+            api_cross_check: false,
+            ..spec()
+        };
+        let (cfg, _) = config_from_spec(&base, "r1", &unset).unwrap();
+        assert_eq!(cfg.api_batch, base.api_batch);
+        assert!(!cfg.api_cross_check);
+        // Refused by name.
+        let e = config_from_spec(
+            &base,
+            "r1",
+            &CrawlSpec {
+                github_batch: Some(500),
+                ..spec()
+            },
+        )
+        .unwrap_err();
+        assert!(e.message().contains("spec.github_batch"), "{e:?}");
+        let e = config_from_spec(
+            &base,
+            "r1",
+            &CrawlSpec {
+                github: false,
+                ..spec()
+            },
+        )
+        .unwrap_err();
+        assert!(e.message().contains("spec.api_cross_check"), "{e:?}");
+        // A shared crawl hands both to the workers that crawl its repositories.
+        let per_repo = CrawlWork::of("r1", &spec()).spec_for("/src/r");
+        assert_eq!(
+            (per_repo.github_batch, per_repo.api_cross_check),
+            (Some(7), true)
+        );
+        let (cfg, _) = config_from_spec(&base, "r1", &per_repo).unwrap();
+        assert_eq!(cfg.api_batch.map(|b| b.prs), Some(7));
+    }
 }
