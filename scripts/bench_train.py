@@ -2,7 +2,7 @@
 """CPU training throughput, davinci-model (candle) beside transformers, same model and batch.
 
 Usage: scripts/bench_train.py [--rows 4 --len 512 --docs 4 --steps 5 --threads 2]
-Builds and runs crates/model's `bench_train` example (release) and a transformers
+Builds (cargo build --release --workspace) and runs crates/model's `bench_train` example and a transformers
 Qwen2ForCausalLM step (eager attention with the same block-diagonal mask, AdamW, clipping) in
 separate processes, one after the other, and prints tokens/s and peak RSS for each. The model is
 deploy/examples/tiny-qwen2.json with wider layers (below), random weights, random tokens; every
@@ -93,8 +93,14 @@ def main():
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(CONFIG, f)
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
+    # --workspace: the features every other build of the workspace resolves, so this build
+    # shares their compiled dependencies.
+    subprocess.run(["cargo", "build", "-q", "--release", "--workspace", "--example", "bench_train"],
+                   cwd=ROOT, check=True)
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    load_before = os.getloadavg()[0]
     ours = subprocess.run(
-        ["cargo", "run", "-q", "--release", "-p", "davinci-model", "--example", "bench_train", "--",
+        [os.path.join(target, "release", "examples", "bench_train"),
          f.name, str(a.rows), str(a.len), str(a.docs), str(a.steps)],
         cwd=ROOT, env=env, check=True, capture_output=True, text=True,
     ).stdout
@@ -103,10 +109,12 @@ def main():
          "--docs", str(a.docs), "--steps", str(a.steps), "--threads", str(a.threads)],
         check=True, capture_output=True, text=True,
     ).stdout
+    print(f"load average before: {load_before:.1f} (1 min) on {os.cpu_count()} cores")
     for line in (ours, theirs):
         r = json.loads(line.strip().splitlines()[-1])
         print(f"{r['engine']}: {r['parameters']} params, {r['tokens_per_step']} tokens/step, "
               f"{r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB, loss {r['last_loss']:.4f}")
+    print(f"load average after: {os.getloadavg()[0]:.1f} (1 min)")
     return 0
 
 
