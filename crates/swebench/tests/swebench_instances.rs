@@ -119,10 +119,10 @@ fn published_image_names_are_used_as_given() {
         r#"{"instance_id":"django__django-11099","repo":"django/django","base_commit":"d","docker_image":null}"#,
     ];
     std::fs::write(&p, rows.join("\n")).unwrap();
-    let v = davinci_evaluator::swebench::load_instances(&p).unwrap();
+    let v = davinci_swebench::load_instances(&p).unwrap();
     let images: Vec<String> = v
         .iter()
-        .map(davinci_evaluator::swebench::harness::instance_image)
+        .map(davinci_swebench::harness::instance_image)
         .collect();
     assert_eq!(
         images,
