@@ -336,10 +336,17 @@ impl DockerSandbox {
         } else {
             present.expect("present when not pulled")
         };
+        // The registry digest of the repository named, if the image came from it (an image
+        // can carry digests of other repositories it was pushed to); else the local id.
+        let repo = crate::images::repository(image);
         let digest = info
             .repo_digests
             .as_ref()
-            .and_then(|d| d.first().cloned())
+            .and_then(|d| {
+                d.iter()
+                    .find(|r| r.split_once('@').is_some_and(|(n, _)| n == repo))
+                    .cloned()
+            })
             .or(info.id)
             .ok_or_else(|| img_err("the engine reports no id".into()))?;
         Ok(ImageRecord {

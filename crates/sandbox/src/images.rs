@@ -26,6 +26,18 @@ pub fn swebench_eval_image_with(
     .replace("__", "_1776_")
 }
 
+/// The repository of a reference without its tag or digest, as the engine lists it in
+/// `RepoDigests` when the reference uses the familiar form (`ubuntu`, `swebench/…`,
+/// `HOST:PORT/…`).
+pub fn repository(image: &str) -> &str {
+    let name = image.split_once('@').map_or(image, |(n, _)| n);
+    // A `:` after the last `/` starts the tag (one before it is a registry port).
+    match name.rfind(':') {
+        Some(i) if !name[i..].contains('/') => &name[..i],
+        _ => name,
+    }
+}
+
 /// Checks that an image reference can be handed to an engine as given: non-empty, at most
 /// 255 characters, no whitespace or control characters, not starting with `-`. The engine
 /// reports anything subtler (an unknown repository, a bad tag) with the name.
@@ -64,6 +76,10 @@ mod tests {
             "myreg.io/sweb/sweb.eval.arm64.astropy_1776_astropy-12907:v2"
         );
         assert!(check_reference("swerebench/sweb.eval.x86_64.0b01001001_1776_spectree-64").is_ok());
+        assert_eq!(repository("127.0.0.1:5000/a/b:v1"), "127.0.0.1:5000/a/b");
+        assert_eq!(repository("127.0.0.1:5000/a/b"), "127.0.0.1:5000/a/b");
+        assert_eq!(repository("swebench/x@sha256:00"), "swebench/x");
+        assert_eq!(repository("ubuntu:22.04"), "ubuntu");
         assert!(check_reference("bad name").is_err());
         assert!(check_reference("").is_err());
         assert!(check_reference("-x").is_err());

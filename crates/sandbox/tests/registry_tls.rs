@@ -46,7 +46,13 @@ impl Pki {
     fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         let ca = [
             &["req", "-x509"][..],
             &ec,
@@ -65,10 +71,11 @@ impl Pki {
             std::fs::write(d.join(format!("{name}.ext")), ext).unwrap();
             let key = format!("{name}-key.pem");
             let csr = format!("{name}.csr");
+            let subj = format!("/CN={name}");
             let req = [
                 &["req"][..],
                 &ec,
-                &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}")],
+                &["-keyout", &key, "-out", &csr, "-subj", &subj],
             ]
             .concat();
             openssl(d, &req);
@@ -96,8 +103,20 @@ impl Pki {
         let rogue = [
             &["req", "-x509"][..],
             &ec,
-            &["-keyout", "rogue-key.pem", "-out", "rogue.pem", "-days", "2"],
-            &["-subj", "/CN=rogue", "-addext", "subjectAltName=IP:127.0.0.1"],
+            &[
+                "-keyout",
+                "rogue-key.pem",
+                "-out",
+                "rogue.pem",
+                "-days",
+                "2",
+            ],
+            &[
+                "-subj",
+                "/CN=rogue",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ],
         ]
         .concat();
         openssl(d, &rogue);
@@ -272,20 +291,28 @@ async fn pull_policy_against_a_tls_registry() {
     let base = testing::base_image().unwrap();
     let name = format!("127.0.0.1:{}/davinci-test/sbx", reg.port);
     let image = format!("{name}:v1");
-    // A second image, different from the base: the base plus one file.
-    let tree = tempfile::tempdir().unwrap();
-    std::fs::write(tree.path().join("marker.txt"), "second\n").unwrap();
-    let second = local
-        .bake_image(
-            &base,
-            tree.path(),
-            &format!("davinci-test/sbx-second:{}", std::process::id()),
-        )
-        .await
-        .unwrap();
-    let (base_id, second_id) = (image_id(&d, &base).await, image_id(&d, &second.name).await);
+    // Two images of our own (the shared base image keeps no digest of this registry): the
+    // base plus a different file each.
+    let mut baked = Vec::new();
+    for which in ["first", "second"] {
+        let tree = tempfile::tempdir().unwrap();
+        std::fs::write(tree.path().join("marker.txt"), format!("{which}\n")).unwrap();
+        let tag = format!(
+            "davinci-test/sbx-{which}:{}-{}",
+            std::process::id(),
+            reg.port
+        );
+        baked.push(
+            local
+                .bake_image(&base, tree.path(), &tag)
+                .await
+                .unwrap()
+                .name,
+        );
+    }
+    let (first_id, second_id) = (image_id(&d, &baked[0]).await, image_id(&d, &baked[1]).await);
 
-    let d1 = push(&d, &base_id, &name, "v1").await;
+    let d1 = push(&d, &first_id, &name, "v1").await;
     untag(&d, &image).await;
     let sandbox = |policy: PullPolicy| {
         let cfg = DockerConfig {
@@ -309,18 +336,14 @@ async fn pull_policy_against_a_tls_registry() {
     let sb = sandbox(PullPolicy::IfNotPresent).await;
     let ws = sb.prepare(&WorkspaceSpec::default()).await.unwrap();
     assert_eq!(ws.image.as_ref().unwrap().digest, d1);
-    let o = sb
-        .run(&ws, &RunSpec::shell("test ! -e /testbed/marker.txt"), &Default::default())
-        .await
-        .unwrap();
-    assert!(o.success(), "{o:?}");
+    assert_eq!(sb.read_file(&ws, "marker.txt").await.unwrap(), b"first\n");
     sb.release(ws).await.unwrap();
 
     // The registry's v1 moves to the second image; the engine keeps the first under v1.
     let d2 = push(&d, &second_id, &name, "v1").await;
     assert_ne!(d1, d2);
     d.tag_image(
-        &base_id,
+        &first_id,
         Some(
             bollard::query_parameters::TagImageOptionsBuilder::default()
                 .repo(&name)
@@ -332,7 +355,7 @@ async fn pull_policy_against_a_tls_registry() {
     .unwrap();
     // if-not-present keeps what the engine has...
     let ws = sb.prepare(&WorkspaceSpec::default()).await.unwrap();
-    assert_eq!(image_id(&d, &image).await, base_id);
+    assert_eq!(image_id(&d, &image).await, first_id);
     sb.release(ws).await.unwrap();
     // ...always pulls the tag's newest digest.
     let sb = sandbox(PullPolicy::Always).await;
@@ -344,8 +367,19 @@ async fn pull_policy_against_a_tls_registry() {
         "the workspace is the pulled image's tree"
     );
     sb.release(ws).await.unwrap();
-    untag(&d, &image).await;
-    untag(&d, &second.name).await;
+    for id in [&first_id, &second_id] {
+        let _ = d
+            .remove_image(
+                id,
+                Some(
+                    bollard::query_parameters::RemoveImageOptionsBuilder::default()
+                        .force(true)
+                        .build(),
+                ),
+                None,
+            )
+            .await;
+    }
 }
 
 /// A TLS terminator in front of the Engine's unix socket that demands a client certificate
@@ -425,8 +459,16 @@ async fn engine_api_over_tls_with_client_certificates() {
 
     // A client certificate of another CA, a CA that did not sign the server, plain HTTP.
     for (tls, ep, why) in [
-        (Some(pki.tls("ca", "rogue")), endpoint.clone(), "foreign client cert"),
-        (Some(pki.tls("rogue", "client")), endpoint.clone(), "untrusted server"),
+        (
+            Some(pki.tls("ca", "rogue")),
+            endpoint.clone(),
+            "foreign client cert",
+        ),
+        (
+            Some(pki.tls("rogue", "client")),
+            endpoint.clone(),
+            "untrusted server",
+        ),
         (None, format!("http://127.0.0.1:{port}"), "no TLS"),
     ] {
         let e = DockerSandbox::connect(cfg(tls, &ep)).await.unwrap_err();

@@ -880,8 +880,10 @@ mod tests {
     #[test]
     fn crawl_batching_and_cross_check_reach_the_crawl_spec() {
         let with = |extra: &str| OK.replace("sources:\n", &format!("sources:\n{extra}"));
-        let s = RunSpec::parse(&with("  github: true\n  github_batch: 10\n  api_cross_check: true\n"))
-            .unwrap();
+        let s = RunSpec::parse(&with(
+            "  github: true\n  github_batch: 10\n  api_cross_check: true\n",
+        ))
+        .unwrap();
         let c = s.crawl_spec("file:///d");
         assert_eq!((c.github_batch, c.api_cross_check), (Some(10), true));
         let c = RunSpec::parse(&with("  github: true\n  github_batch: 0\n"))
@@ -897,7 +899,12 @@ mod tests {
             "sources.github_batch"
         );
         // Specs that do not say keep their run id.
-        assert!(!RunSpec::parse(OK).unwrap().to_yaml().contains("github_batch"));
+        assert!(
+            !RunSpec::parse(OK)
+                .unwrap()
+                .to_yaml()
+                .contains("github_batch")
+        );
     }
 
     fn path_of(yaml: &str) -> String {

@@ -617,7 +617,13 @@ mod tests {
             github_batch: Some(0),
             ..spec()
         };
-        assert!(config_from_spec(&base, "r1", &one).unwrap().0.api_batch.is_none());
+        assert!(
+            config_from_spec(&base, "r1", &one)
+                .unwrap()
+                .0
+                .api_batch
+                .is_none()
+        );
         let unset = CrawlSpec {
             github_batch: None,
             api_cross_check: false,
