@@ -23,7 +23,7 @@ pub const HUMANEVAL_ENV: &str = "DAVINCI_HUMANEVAL_PROBLEMS";
 pub enum Command {
     /// SWE-bench: run predictions in the sandbox and grade them, or grade an existing log.
     #[command(name = "swe-bench", args_conflicts_with_subcommands = true)]
-    SweBench(SweBenchArgs),
+    SweBench(Box<SweBenchArgs>),
     /// HumanEval / HumanEval+ (EvalPlus): run completions against the tests, report pass@k;
     /// with --model-url the completions come from a model first.
     Humaneval(HumanevalArgs),

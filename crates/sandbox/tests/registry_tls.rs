@@ -203,22 +203,24 @@ async fn registry(pki: &Pki) -> Registry {
         .stderr(log)
         .spawn()
         .expect("docker-registry");
+    // Killed and waited for on drop, a failed start included.
+    let reg = Registry {
+        child,
+        port,
+        _data: data,
+    };
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
         {
-            return Registry {
-                child,
-                port,
-                _data: data,
-            };
+            return reg;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!(
         "docker-registry did not listen: {}",
-        std::fs::read_to_string(data.path().join("registry.log")).unwrap_or_default()
+        std::fs::read_to_string(reg._data.path().join("registry.log")).unwrap_or_default()
     );
 }
 

@@ -320,10 +320,10 @@ impl Trainer for TrainerService {
                     if let Some(uri) = &remote_data {
                         storage::stage_shards(uri, &s3, &data::data_root(&job.manifest)).await?;
                     }
-                    if let Some(r) = &remote {
-                        if let Some(step) = r.restore().await? {
-                            tracing::info!(step, out = %out_uri, "resuming from the remote checkpoint");
-                        }
+                    if let Some(r) = &remote
+                        && let Some(step) = r.restore().await?
+                    {
+                        tracing::info!(step, out = %out_uri, "resuming from the remote checkpoint");
                     }
                     let cancel = Arc::new(AtomicBool::new(false));
                     let (flag, token) = (cancel.clone(), handle.cancel_token());
