@@ -8,6 +8,7 @@ mod health;
 mod pack;
 mod progress;
 mod reconstruct;
+mod rollout;
 mod run;
 mod runs;
 mod runspec;
@@ -35,6 +36,8 @@ enum Command {
     Reconstruct(reconstruct::Args),
     /// Tokenize samples and pack them into Megatron indexed-dataset shards.
     Pack(pack::Args),
+    /// Run the coding agent on validated tasks and grade each run into pass / fail trajectories.
+    Rollout(rollout::Args),
     /// Train a Qwen2 model on packed shards in this process (candle; resumes from OUT).
     Train(train::Args),
     /// Evaluate predictions and completions (SWE-bench, HumanEval, EvalPlus).
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
             Command::Crawl(a) => crawl::run(a).await,
             Command::Reconstruct(a) => reconstruct::run(a).await,
             Command::Pack(a) => pack::run(a).await,
+            Command::Rollout(a) => rollout::run(a).await,
             Command::Train(a) => train::run(a).await,
             Command::Eval(c) => eval::run(c).await,
             Command::Serve(a) => serve::run(a).await,

@@ -210,8 +210,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         davinci_conductor::serve::ConductorService::new(jobs, cfg).into_server(),
                     )
                 }
-                Target::Rollout => routes
-                    .add_service(davinci_rollout::serve::RolloutService::new(jobs).into_server()),
+                Target::Rollout => {
+                    let base = rollout_settings(&ctx.settings)?;
+                    for i in 0..ctx.settings.rollout.workers.max(1) {
+                        workers.spawn(davinci_rollout::serve::worker(
+                            ctx.queue.clone(),
+                            format!("{consumer}-r{i}"),
+                            ctx.settings.storage.s3.clone(),
+                            stop.clone(),
+                            std::sync::Arc::new(|_| {}),
+                        ));
+                    }
+                    routes.add_service(
+                        davinci_rollout::serve::RolloutService::new(
+                            jobs,
+                            base,
+                            ctx.settings.storage.s3.clone(),
+                        )
+                        .with_queue(ctx.queue.clone())
+                        .into_server(),
+                    )
+                }
                 Target::Trainer => routes
                     .add_service(
                         davinci_trainer::serve::TrainerService::new(jobs)
@@ -417,4 +436,24 @@ fn evaluator_config(
     }
     c.python = e.python.clone();
     c
+}
+
+/// The rollout service's base settings: its sandbox backend (`rollout.sandbox`, else the
+/// process's `sandbox:` section) and environments, checked before the server starts (a bad
+/// backend field is named by its path).
+fn rollout_settings(
+    settings: &davinci_runtime::config::Settings,
+) -> anyhow::Result<davinci_rollout::pipeline::RolloutSettings> {
+    let r = &settings.rollout;
+    let mut s = davinci_rollout::pipeline::RolloutSettings::default();
+    if r.sandbox.is_empty() {
+        s.sandbox = settings.sandbox.clone();
+    } else {
+        s.sandbox = serde_path_to_error::deserialize(serde_json::Value::Object(r.sandbox.clone()))
+            .map_err(|e| anyhow::anyhow!("invalid setting rollout.sandbox.{e}"))?;
+    }
+    if !r.repos_dir.is_empty() {
+        s.repos_dir = Some(PathBuf::from(&r.repos_dir));
+    }
+    Ok(s)
 }

@@ -107,9 +107,10 @@ async fn serve_all_answers_health_metrics_and_job_rpcs() {
         .unwrap_err();
     assert_eq!(
         e.code(),
-        tonic::Code::Unimplemented,
-        "a stage that is not built must say so"
+        tonic::Code::InvalidArgument,
+        "an empty spec is refused"
     );
+    assert!(e.message().contains("spec.tasks"), "{}", e.message());
 
     let metrics = http_get(&server.metrics, "/metrics");
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");

@@ -31,10 +31,34 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub services: ServicesSettings,
     pub evaluator: EvaluatorSettings,
+    pub rollout: RolloutServiceSettings,
     pub github: GithubSettings,
     /// Where untrusted commands run (SWE-bench grading, agent tools): `kind: local`
     /// (bubblewrap), `docker` or `kubernetes`, with that backend's options.
     pub sandbox: davinci_sandbox::Backend,
+}
+
+/// The rollout service's own settings; a job's spec adds to them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutServiceSettings {
+    /// The sandbox backend as `davinci_sandbox::Backend` reads it: `kind: local | docker |
+    /// kubernetes` and that backend's fields; empty: bubblewrap with workspaces at /testbed.
+    pub sandbox: serde_json::Map<String, serde_json::Value>,
+    /// `{instance_id}/` trees or `{owner}__{name}/` clones (local backend); empty: none.
+    pub repos_dir: String,
+    /// Tasks one replica rolls out at once.
+    pub workers: usize,
+}
+
+impl Default for RolloutServiceSettings {
+    fn default() -> Self {
+        Self {
+            sandbox: Default::default(),
+            repos_dir: String::new(),
+            workers: 2,
+        }
+    }
 }
 
 /// The crawler's GitHub: tokens come from `GITHUB_TOKENS` / `GITHUB_TOKEN`, never from here.
