@@ -182,139 +182,137 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("opening the job registry of {t:?}"))?;
         registries.push(jobs.clone());
-        routes =
-            match t {
-                Target::Conductor => {
-                    let own = own_addr(&ctx.settings.server.listen);
-                    let pick = |a: &str| {
-                        if a.is_empty() {
-                            own.clone()
-                        } else {
-                            a.to_string()
-                        }
-                    };
-                    let svc = &ctx.settings.services;
-                    let cfg = davinci_conductor::serve::ConductorConfig {
-                        stages: davinci_conductor::orchestrate::StageAddrs {
-                            crawler: pick(&svc.crawler),
-                            reconstructor: pick(&svc.reconstructor),
-                            tokenizer_packer: pick(&svc.tokenizer_packer),
-                            trainer: pick(&svc.trainer),
-                        },
-                        token: opts.auth_token.clone(),
-                        // made absolute when the settings were loaded
-                        storage_root: ctx.settings.storage.uri.clone(),
-                        s3: ctx.settings.storage.s3.clone(),
-                    };
-                    routes.add_service(
-                        davinci_conductor::serve::ConductorService::new(jobs, cfg).into_server(),
-                    )
-                }
-                Target::Rollout => {
-                    let base = rollout_settings(&ctx.settings)?;
-                    for i in 0..ctx.settings.rollout.workers.max(1) {
-                        workers.spawn(davinci_rollout::serve::worker(
-                            ctx.queue.clone(),
-                            format!("{consumer}-r{i}"),
-                            ctx.settings.storage.s3.clone(),
-                            stop.clone(),
-                            std::sync::Arc::new(|_| {}),
-                        ));
+        routes = match t {
+            Target::Conductor => {
+                let own = own_addr(&ctx.settings.server.listen);
+                let pick = |a: &str| {
+                    if a.is_empty() {
+                        own.clone()
+                    } else {
+                        a.to_string()
                     }
-                    routes.add_service(
-                        davinci_rollout::serve::RolloutService::new(
-                            jobs,
-                            base,
-                            ctx.settings.storage.s3.clone(),
-                        )
-                        .with_queue(ctx.queue.clone())
-                        .into_server(),
-                    )
-                }
-                Target::Trainer => routes
-                    .add_service(
-                        davinci_trainer::serve::TrainerService::new(jobs)
-                            .with_s3(ctx.settings.storage.s3.clone())
-                            .into_server(),
-                    ),
-                Target::Crawler => {
-                    let (base, github) = crawler_parts(&ctx).await?;
-                    let work = davinci_crawler::serve::worker(
+                };
+                let svc = &ctx.settings.services;
+                let cfg = davinci_conductor::serve::ConductorConfig {
+                    stages: davinci_conductor::orchestrate::StageAddrs {
+                        crawler: pick(&svc.crawler),
+                        reconstructor: pick(&svc.reconstructor),
+                        tokenizer_packer: pick(&svc.tokenizer_packer),
+                        trainer: pick(&svc.trainer),
+                    },
+                    token: opts.auth_token.clone(),
+                    // made absolute when the settings were loaded
+                    storage_root: ctx.settings.storage.uri.clone(),
+                    s3: ctx.settings.storage.s3.clone(),
+                };
+                routes.add_service(
+                    davinci_conductor::serve::ConductorService::new(jobs, cfg).into_server(),
+                )
+            }
+            Target::Rollout => {
+                let base = rollout_settings(&ctx.settings)?;
+                for i in 0..ctx.settings.rollout.workers.max(1) {
+                    workers.spawn(davinci_rollout::serve::worker(
                         ctx.queue.clone(),
-                        base.clone(),
-                        github.clone(),
+                        format!("{consumer}-r{i}"),
+                        ctx.settings.storage.s3.clone(),
+                        stop.clone(),
+                        std::sync::Arc::new(|_| {}),
+                    ));
+                }
+                routes.add_service(
+                    davinci_rollout::serve::RolloutService::new(
+                        jobs,
+                        base,
+                        ctx.settings.storage.s3.clone(),
+                    )
+                    .with_queue(ctx.queue.clone())
+                    .into_server(),
+                )
+            }
+            Target::Trainer => routes.add_service(
+                davinci_trainer::serve::TrainerService::new(jobs)
+                    .with_s3(ctx.settings.storage.s3.clone())
+                    .into_server(),
+            ),
+            Target::Crawler => {
+                let (base, github) = crawler_parts(&ctx).await?;
+                let work = davinci_crawler::serve::worker(
+                    ctx.queue.clone(),
+                    base.clone(),
+                    github.clone(),
+                    consumer.clone(),
+                    ctx.settings.storage.s3.clone(),
+                    stop.clone(),
+                );
+                workers.spawn(async move { work.await.map(|_| ()) });
+                routes.add_service(davinci_proto::v1::crawler_server::CrawlerServer::new(
+                    davinci_crawler::serve::CrawlerService::new(
+                        jobs,
+                        ctx.settings.storage.s3.clone(),
+                        base,
+                        github,
+                    )
+                    .with_queue(ctx.queue.clone()),
+                ))
+            }
+            Target::Reconstructor => {
+                let tokenizer: davinci_reconstructor::serve::TokenizerLoader =
+                    std::sync::Arc::new(tokenizer_counter);
+                workers.spawn(davinci_reconstructor::serve::worker(
+                    ctx.queue.clone(),
+                    Default::default(),
+                    tokenizer.clone(),
+                    consumer.clone(),
+                    ctx.settings.storage.s3.clone(),
+                    stop.clone(),
+                ));
+                routes.add_service(
+                    davinci_proto::v1::reconstructor_server::ReconstructorServer::new(
+                        davinci_reconstructor::serve::ReconstructorService {
+                            jobs,
+                            base: Default::default(),
+                            s3: ctx.settings.storage.s3.clone(),
+                            tokenizer,
+                            queue: Some(ctx.queue.clone()),
+                        },
+                    ),
+                )
+            }
+            Target::TokenizerPacker => {
+                for topic in [
+                    davinci_tokenizer_packer::serve::SAMPLES_TOPIC,
+                    davinci_tokenizer_packer::serve::TRAJECTORIES_TOPIC,
+                ] {
+                    let work = davinci_tokenizer_packer::serve::worker(
+                        ctx.queue.clone(),
+                        topic,
                         consumer.clone(),
                         ctx.settings.storage.s3.clone(),
                         stop.clone(),
                     );
                     workers.spawn(async move { work.await.map(|_| ()) });
-                    routes.add_service(davinci_proto::v1::crawler_server::CrawlerServer::new(
-                        davinci_crawler::serve::CrawlerService::new(
+                }
+                routes.add_service(
+                    davinci_proto::v1::tokenizer_packer_server::TokenizerPackerServer::new(
+                        davinci_tokenizer_packer::serve::PackerService::new(
                             jobs,
                             ctx.settings.storage.s3.clone(),
-                            base,
-                            github,
                         )
                         .with_queue(ctx.queue.clone()),
-                    ))
-                }
-                Target::Reconstructor => {
-                    let tokenizer: davinci_reconstructor::serve::TokenizerLoader =
-                        std::sync::Arc::new(tokenizer_counter);
-                    workers.spawn(davinci_reconstructor::serve::worker(
-                        ctx.queue.clone(),
-                        Default::default(),
-                        tokenizer.clone(),
-                        consumer.clone(),
-                        ctx.settings.storage.s3.clone(),
-                        stop.clone(),
-                    ));
-                    routes.add_service(
-                        davinci_proto::v1::reconstructor_server::ReconstructorServer::new(
-                            davinci_reconstructor::serve::ReconstructorService {
-                                jobs,
-                                base: Default::default(),
-                                s3: ctx.settings.storage.s3.clone(),
-                                tokenizer,
-                                queue: Some(ctx.queue.clone()),
-                            },
-                        ),
-                    )
-                }
-                Target::TokenizerPacker => {
-                    for topic in [
-                        davinci_tokenizer_packer::serve::SAMPLES_TOPIC,
-                        davinci_tokenizer_packer::serve::TRAJECTORIES_TOPIC,
-                    ] {
-                        let work = davinci_tokenizer_packer::serve::worker(
-                            ctx.queue.clone(),
-                            topic,
-                            consumer.clone(),
-                            ctx.settings.storage.s3.clone(),
-                            stop.clone(),
-                        );
-                        workers.spawn(async move { work.await.map(|_| ()) });
-                    }
-                    routes.add_service(
-                        davinci_proto::v1::tokenizer_packer_server::TokenizerPackerServer::new(
-                            davinci_tokenizer_packer::serve::PackerService::new(
-                                jobs,
-                                ctx.settings.storage.s3.clone(),
-                            )
-                            .with_queue(ctx.queue.clone()),
-                        ),
-                    )
-                }
-                Target::Evaluator => {
-                    routes.add_service(davinci_proto::v1::evaluator_server::EvaluatorServer::new(
-                        davinci_evaluator::serve::EvaluatorService::new(
-                            jobs,
-                            evaluator_config(&ctx.settings),
-                        ),
-                    ))
-                }
-                Target::All | Target::Inference => unreachable!("expanded above"),
-            };
+                    ),
+                )
+            }
+            Target::Evaluator => {
+                routes.add_service(davinci_proto::v1::evaluator_server::EvaluatorServer::new(
+                    davinci_evaluator::serve::EvaluatorService::new(
+                        jobs,
+                        evaluator_config(&ctx.settings),
+                    ),
+                ))
+            }
+            Target::All | Target::Inference => unreachable!("expanded above"),
+        };
     }
     let stop_workers = stop.clone();
     let served = grpc::serve(listener, routes, &names, registries, opts, async move {

@@ -5,9 +5,9 @@
 //! the Kubernetes objects). [`TrainerService::reattach`] picks up a previous process's jobs.
 use crate::config::{Overrides, TrainConfig};
 use crate::data::{self, read_manifest};
-use crate::storage;
 use crate::jobset::follow::{self, Event};
 use crate::jobset::{self, Plan};
+use crate::storage;
 use crate::train::{self, Job as TrainJob, ModelSource};
 use anyhow::Context;
 use davinci_proto::v1::trainer_server::{Trainer, TrainerServer};
