@@ -13,6 +13,7 @@ mod run;
 mod runs;
 mod runspec;
 mod serve;
+mod tasks;
 mod train;
 
 /// davinci turns merged pull requests and executable repositories into agent-native training
@@ -34,6 +35,9 @@ enum Command {
     Crawl(crawl::Args),
     /// Render PR shards as contextually-native samples (ctx-general, ctx-python).
     Reconstruct(reconstruct::Args),
+    /// Build validated executable tasks from PR shards, or validate a published task set.
+    #[command(subcommand)]
+    Tasks(tasks::Command),
     /// Tokenize samples and pack them into Megatron indexed-dataset shards.
     Pack(pack::Args),
     /// Run the coding agent on validated tasks and grade each run into pass / fail trajectories.
@@ -67,6 +71,7 @@ fn main() -> std::process::ExitCode {
             Command::Runs(a) => runs::run(a).await,
             Command::Crawl(a) => crawl::run(a).await,
             Command::Reconstruct(a) => reconstruct::run(a).await,
+            Command::Tasks(c) => tasks::run(c).await,
             Command::Pack(a) => pack::run(a).await,
             Command::Rollout(a) => rollout::run(a).await,
             Command::Train(a) => train::run(a).await,

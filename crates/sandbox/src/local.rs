@@ -291,6 +291,25 @@ impl BwrapSandbox {
             "/tmp".into(),
         ]);
         let mp = ws.mount_point.display().to_string();
+        // The same for the mount point's parents (bwrap would make them 0700): a workspace
+        // mounted at a deep path (a venv built at its final place) stays reachable.
+        let mut ancestors: Vec<&Path> = ws.mount_point.ancestors().skip(1).collect();
+        ancestors.reverse();
+        for anc in ancestors {
+            let under_system = ["/usr", "/etc", "/proc", "/dev", "/tmp"]
+                .iter()
+                .any(|s| anc.starts_with(s));
+            if anc == Path::new("/") || under_system || made.iter().any(|m| m == anc) {
+                continue;
+            }
+            a.extend([
+                "--perms".into(),
+                "0755".into(),
+                "--dir".into(),
+                anc.display().to_string(),
+            ]);
+            made.push(anc.to_path_buf());
+        }
         a.extend([
             "--bind-fd".into(),
             fds[0].as_raw_fd().to_string(),

@@ -8,6 +8,8 @@ use anyhow::Context;
 use davinci_core::task::TaskInstance;
 use serde::{Deserialize, Serialize};
 
+use crate::sets::SetFormat;
+
 /// One prediction, as in SWE-bench `predictions.jsonl`. `model_patch` is `None` when the
 /// model produced no patch at all (reported as `patch_is_None`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,38 +79,57 @@ pub fn read_records<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Resu
     Ok(out)
 }
 
-/// The image name SWE-rebench rows give at the top level (`docker_image`, or `image_name`),
-/// used verbatim as the instance's image.
-#[derive(Deserialize)]
-struct PublishedImage {
-    #[serde(default)]
-    docker_image: Option<String>,
-    #[serde(default)]
-    image_name: Option<String>,
+/// Task instances of any published set the file holds (see [`crate::sets`]), told apart by
+/// their columns.
+pub fn load_instances(path: &Path) -> anyhow::Result<Vec<TaskInstance>> {
+    load_set(path, SetFormat::Auto)
 }
 
-pub fn load_instances(path: &Path) -> anyhow::Result<Vec<TaskInstance>> {
-    let mut v: Vec<TaskInstance> = read_records(path)?;
-    // A second pass for the image names, so errors above keep naming the instance field.
-    let images: Vec<PublishedImage> = read_records(path)?;
-    for (i, img) in v.iter_mut().zip(images) {
-        if i.env.image.is_none() {
-            i.env.image = img
-                .docker_image
-                .or(img.image_name)
-                .filter(|s| !s.trim().is_empty());
+/// Task instances of a file in the given set's shape: a JSON array, a JSON object of records
+/// keyed by id, or JSON Lines; an error names the record (line, index or key) and the field.
+pub fn load_set(path: &Path, format: SetFormat) -> anyhow::Result<Vec<TaskInstance>> {
+    let text = read_text(path)?;
+    let trimmed = text.trim_start();
+    let mut rows: Vec<(String, String, serde_json::Value)> = Vec::new();
+    if trimmed.starts_with('[') {
+        let v: Vec<serde_json::Value> = parse_json(trimmed)
+            .with_context(|| format!("{}: not a JSON array of records", path.display()))?;
+        for (i, r) in v.into_iter().enumerate() {
+            rows.push((format!("[{i}]."), format!("record [{i}]"), r));
+        }
+    } else if trimmed.starts_with('{')
+        && let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(trimmed)
+        && !m.is_empty()
+        && m.values().all(|v| v.is_object())
+        && !m.contains_key("instance_id")
+    {
+        for (k, r) in m {
+            rows.push((String::new(), format!("record `{k}`"), r));
+        }
+    } else {
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let r =
+                parse_json(line).with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+            rows.push((String::new(), format!("line {}", i + 1), r));
         }
     }
+    let mut out = Vec::with_capacity(rows.len());
     let mut seen = std::collections::HashSet::new();
-    for i in &v {
+    for (prefix, place, row) in rows {
+        let inst = crate::sets::normalize_at(row, format, &prefix)
+            .with_context(|| format!("{}: {place}", path.display()))?;
         anyhow::ensure!(
-            seen.insert(i.instance_id.clone()),
+            seen.insert(inst.instance_id.clone()),
             "{}: instance `{}` appears twice",
             path.display(),
-            i.instance_id
+            inst.instance_id
         );
+        out.push(inst);
     }
-    Ok(v)
+    Ok(out)
 }
 
 pub fn load_predictions(path: &Path) -> anyhow::Result<Vec<Prediction>> {

@@ -16,6 +16,12 @@
 //! recorded in `status.json`. The instance's `env.setup_script`, when present, runs first
 //! with its own time limit. Everything after the workspace is made is the same code for
 //! every backend.
+//!
+//! A task built by the task stage names a recipe environment instead (`env.recipe_hash`): a
+//! virtualenv under `env_root` at `{owner}__{name}/{hash}/venv`, which the local sandbox sees
+//! read-only at the same path (its `ro_binds` include `env_root`). Every step runs with that
+//! venv first on `PATH` and the task's `env.env_vars`. A task that names an image is refused
+//! on the local backend: its environment is the image, never the host.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -114,6 +120,8 @@ pub struct HarnessConfig {
     pub setup_network: bool,
     pub memory_bytes: u64,
     pub max_processes: u64,
+    /// Root of the built recipe environments (`cache/envs`), for tasks with `env.recipe_hash`.
+    pub env_root: Option<PathBuf>,
 }
 
 impl Default for HarnessConfig {
@@ -127,6 +135,7 @@ impl Default for HarnessConfig {
             setup_network: false,
             memory_bytes: 8 << 30,
             max_processes: 512,
+            env_root: None,
         }
     }
 }
@@ -211,6 +220,18 @@ pub fn instance_image(inst: &TaskInstance) -> String {
     }
 }
 
+/// One test run ([`Harness::run_tests`]).
+#[derive(Debug, Clone)]
+pub struct TestRun {
+    /// `Resolved` / `Unresolved` when the tests ran (graded against the instance's lists);
+    /// an infrastructure status when they could not.
+    pub status: Status,
+    pub error: Option<String>,
+    pub log: String,
+    pub seconds: f64,
+    pub timed_out: bool,
+}
+
 struct Step {
     log: String,
     stop: StopReason,
@@ -230,12 +251,14 @@ impl Harness {
     async fn step(
         &self,
         ws: &Workspace,
+        vars: &BTreeMap<String, String>,
         script: &str,
         wall: Duration,
         network: bool,
     ) -> anyhow::Result<Step> {
         let mut spec = RunSpec::new(["bash", "-c", script]);
         spec.network = network;
+        spec.env = vars.clone();
         let limits = Limits {
             wall_time: wall,
             cpu_time: Some(wall),
@@ -265,8 +288,69 @@ impl Harness {
         clone.is_dir().then_some((clone, true))
     }
 
+    /// The venv of a recipe task, `{env_root}/{owner}__{name}/{hash}/venv`.
+    pub fn venv_of(&self, inst: &TaskInstance) -> Option<PathBuf> {
+        let hash = inst.env.recipe_hash.as_deref()?;
+        Some(
+            self.cfg
+                .env_root
+                .as_ref()?
+                .join(inst.repo_dir())
+                .join(hash)
+                .join("venv"),
+        )
+    }
+
+    /// Variables every step of `inst` runs with: its `env_vars`, and its venv first on `PATH`
+    /// (commands run in an [`Harness::open_environment`] workspace need them too).
+    pub fn step_vars(&self, inst: &TaskInstance) -> BTreeMap<String, String> {
+        let mut vars = inst.env.env_vars.clone();
+        if let Some(venv) = self.venv_of(inst) {
+            vars.insert(
+                "PATH".into(),
+                format!(
+                    "{}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    venv.display()
+                ),
+            );
+            vars.insert("VIRTUAL_ENV".into(), venv.display().to_string());
+        }
+        vars
+    }
+
+    /// Why `inst` cannot run on this sandbox, if it cannot: an image task on a backend that
+    /// copies host trees, or a recipe task whose environment was not built.
+    fn refusal(&self, inst: &TaskInstance) -> Option<String> {
+        if self.sandbox.uses_images() {
+            return None;
+        }
+        if let Some(image) = inst.env.image() {
+            return Some(format!(
+                "{} runs in image `{image}`: use the docker or kubernetes sandbox backend (the {} backend copies host trees and never runs image tasks)",
+                inst.instance_id,
+                self.sandbox.name()
+            ));
+        }
+        let hash = inst.env.recipe_hash.as_deref()?;
+        match self.venv_of(inst) {
+            None => Some(format!(
+                "{} needs its built environment ({hash}): no env root configured",
+                inst.instance_id
+            )),
+            Some(v) if !v.join("bin/python").exists() => Some(format!(
+                "{}: environment {} is not built (build it with `davinci tasks build`)",
+                inst.instance_id,
+                v.display()
+            )),
+            Some(_) => None,
+        }
+    }
+
     /// Where `inst`'s environment comes from, or why there is none.
     fn env_for(&self, inst: &TaskInstance) -> Result<Env, String> {
+        if let Some(msg) = self.refusal(inst) {
+            return Err(msg);
+        }
         if self.sandbox.uses_images() {
             Ok(Env::Image(instance_image(inst)))
         } else if let Some((source, is_clone)) = self.source_for(inst) {
@@ -303,6 +387,37 @@ impl Harness {
             model_name_or_path: String::new(),
         };
         self.run_instance(inst, &pred).await
+    }
+
+    /// Runs `inst`'s tests on its base with its test patch and, when given, `patch` applied,
+    /// in a fresh workspace; the log keeps the harness's markers, so
+    /// [`crate::grading::status_map_of_log`] reads it. Validation runs each side through here.
+    pub async fn run_tests(&self, inst: &TaskInstance, patch: Option<&str>) -> TestRun {
+        let t = Instant::now();
+        let r = match self.env_for(inst) {
+            Ok(env) => match self.run_in_sandbox(inst, patch, env).await {
+                Ok(r) => r,
+                Err(e) => Graded::new(
+                    Status::InfraSandboxError,
+                    Some(format!("{e:#}")),
+                    String::new(),
+                    InstanceReport::default(),
+                ),
+            },
+            Err(msg) => Graded::new(
+                Status::InfraMissingEnvironment,
+                Some(msg),
+                String::new(),
+                InstanceReport::default(),
+            ),
+        };
+        TestRun {
+            status: r.status,
+            error: r.error,
+            timed_out: r.log.contains(TESTS_TIMEOUT),
+            log: r.log,
+            seconds: t.elapsed().as_secs_f64(),
+        }
     }
 
     /// A workspace holding `inst`'s environment at its base commit with its setup done, the
@@ -403,7 +518,7 @@ impl Harness {
             Env::Image(i) => Some(i.clone()),
             Env::Tree(..) => None,
         };
-        match self.run_in_sandbox(inst, patch, env).await {
+        match self.run_in_sandbox(inst, Some(patch), env).await {
             Ok(r) => r,
             Err(e) => {
                 let mut r = Graded::new(
@@ -449,13 +564,13 @@ impl Harness {
     async fn run_in_sandbox(
         &self,
         inst: &TaskInstance,
-        patch: &str,
+        patch: Option<&str>,
         env: Env,
     ) -> anyhow::Result<Graded> {
         let files = vec![
             (
                 ".davinci-eval/model.patch".into(),
-                patch.as_bytes().to_vec(),
+                patch.unwrap_or_default().as_bytes().to_vec(),
             ),
             (
                 ".davinci-eval/test.patch".into(),
@@ -501,6 +616,7 @@ impl Harness {
             let st = self
                 .step(
                     ws,
+                    &self.step_vars(inst),
                     &format!("set -e\n{setup}"),
                     self.cfg.setup_timeout,
                     self.cfg.setup_network,
@@ -532,7 +648,7 @@ impl Harness {
         &self,
         ws: &Workspace,
         inst: &TaskInstance,
-        patch: &str,
+        patch: Option<&str>,
         is_clone: bool,
     ) -> anyhow::Result<Graded> {
         let not_applied = InstanceReport {
@@ -554,13 +670,16 @@ impl Harness {
             pass = APPLY_PATCH_PASS,
             fail = APPLY_PATCH_FAIL
         );
-        let st = self
-            .step(ws, &apply, Duration::from_secs(300), false)
-            .await?;
-        log.push_str(&st.log);
-        if st.exit != Some(0) {
-            let report = grade_log(inst, Some(patch), &log)?;
-            return Ok(Graded::new(Status::PatchFailed, None, log, report));
+        let vars = self.step_vars(inst);
+        if patch.is_some() {
+            let st = self
+                .step(ws, &vars, &apply, Duration::from_secs(300), false)
+                .await?;
+            log.push_str(&st.log);
+            if st.exit != Some(0) {
+                let report = grade_log(inst, patch, &log)?;
+                return Ok(Graded::new(Status::PatchFailed, None, log, report));
+            }
         }
         let eval = format!(
             "cd {mp}\ngit apply -v .davinci-eval/test.patch || {{ echo 'test patch failed'; exit 97; }}\n\
@@ -570,7 +689,9 @@ impl Harness {
             end = END_TEST_OUTPUT,
             cmd = test_command(inst),
         );
-        let st = self.step(ws, &eval, self.cfg.test_timeout, false).await?;
+        let st = self
+            .step(ws, &vars, &eval, self.cfg.test_timeout, false)
+            .await?;
         log.push_str(&st.log);
         if st.exit == Some(97) && st.log.contains("test patch failed") {
             return Ok(Graded::new(
@@ -583,7 +704,7 @@ impl Harness {
         if matches!(st.stop, StopReason::WallTimeout | StopReason::CpuTimeLimit) {
             log.push_str(&format!("\n{TESTS_TIMEOUT}\n"));
         }
-        let report = grade_log(inst, Some(patch), &log)?;
+        let report = grade_log(inst, Some(patch.unwrap_or_default()), &log)?;
         let status = if report.resolved {
             Status::Resolved
         } else {

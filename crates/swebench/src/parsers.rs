@@ -30,6 +30,8 @@ pub enum Parser {
     Sympy,
     Matplotlib,
     Seaborn,
+    /// `python -m unittest -v` (tasks built from repositories without pytest).
+    Unittest,
 }
 
 impl Parser {
@@ -42,6 +44,7 @@ impl Parser {
             "sympy" => Parser::Sympy,
             "matplotlib" => Parser::Matplotlib,
             "seaborn" => Parser::Seaborn,
+            "unittest" => Parser::Unittest,
             _ => return None,
         })
     }
@@ -55,6 +58,7 @@ impl Parser {
             Parser::Sympy => "sympy",
             Parser::Matplotlib => "matplotlib",
             Parser::Seaborn => "seaborn",
+            Parser::Unittest => "unittest",
         }
     }
 
@@ -67,6 +71,8 @@ impl Parser {
             Parser::Sympy => parse_sympy(log),
             Parser::Matplotlib => parse_matplotlib(log),
             Parser::Seaborn => parse_seaborn(log),
+            // `python -m unittest -v` prints what Django's runner prints (`name ... ok`).
+            Parser::Unittest => parse_django(log),
         }
     }
 }
