@@ -170,6 +170,9 @@ impl Roller {
                 setup_network: settings.setup_network,
                 memory_bytes: settings.agent.memory_bytes,
                 max_processes: settings.agent.max_processes,
+                // Recipe environments (local venvs) are not mounted for rollouts yet: image or
+                // repository tasks only.
+                env_root: None,
             },
         );
         let mut clients = Vec::new();
