@@ -107,7 +107,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let s3 = S3Config::default();
-    let (in_root, in_key) = serve::split_uri(&args.input);
+    let (in_root, in_key) = davinci_runtime::blob::split_uri(&args.input);
     let input = blob::open(&in_root, &s3)
         .await
         .with_context(|| format!("opening input {}", args.input))?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use davinci_reconstructor::batch::list_inputs;
-use davinci_reconstructor::serve::split_uri;
+use davinci_runtime::blob::split_uri;
 use davinci_runtime::blob::{self, BlobStore, S3Config};
 use davinci_swebench::sets::SetFormat;
 use davinci_tasks::batch::{self, Mirrors};

@@ -13,6 +13,27 @@ mod s3;
 pub use file::FileStore;
 pub use s3::{ChecksumMode, S3Config, S3Store};
 
+/// A local path or URI split into the store root and the key/prefix inside it: an existing
+/// local file is its directory plus its name, anything else is a root with an empty key.
+pub fn split_uri(uri: &str) -> (String, String) {
+    let local = uri
+        .strip_prefix("file://")
+        .or(if uri.contains("://") { None } else { Some(uri) });
+    if let Some(p) = local {
+        let path = std::path::Path::new(p);
+        if path.is_file()
+            && let (Some(d), Some(n)) = (path.parent(), path.file_name())
+        {
+            let d = d.to_string_lossy().to_string();
+            return (
+                if d.is_empty() { ".".into() } else { d },
+                n.to_string_lossy().to_string(),
+            );
+        }
+    }
+    (uri.to_string(), String::new())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
     #[error("object `{0}` not found")]

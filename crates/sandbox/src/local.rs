@@ -252,23 +252,7 @@ impl BwrapSandbox {
         for (fd, p) in fds.iter().skip(1).zip(&self.cfg.ro_binds) {
             // Parents bwrap would create copy the host's modes (e.g. 0700 /root), which the
             // sandbox uid could not traverse: create them 0755 first.
-            let mut ancestors: Vec<&Path> = p.ancestors().skip(1).collect();
-            ancestors.reverse();
-            for anc in ancestors {
-                let under_system = ["/usr", "/etc", "/proc", "/dev", "/tmp"]
-                    .iter()
-                    .any(|s| anc.starts_with(s));
-                if anc == Path::new("/") || under_system || made.iter().any(|m| m == anc) {
-                    continue;
-                }
-                a.extend([
-                    "--perms".into(),
-                    "0755".into(),
-                    "--dir".into(),
-                    anc.display().to_string(),
-                ]);
-                made.push(anc.to_path_buf());
-            }
+            parent_dirs(p, &mut made, &mut a);
             a.extend([
                 "--ro-bind-fd".into(),
                 fd.as_raw_fd().to_string(),
@@ -291,25 +275,9 @@ impl BwrapSandbox {
             "/tmp".into(),
         ]);
         let mp = ws.mount_point.display().to_string();
-        // The same for the mount point's parents (bwrap would make them 0700): a workspace
-        // mounted at a deep path (a venv built at its final place) stays reachable.
-        let mut ancestors: Vec<&Path> = ws.mount_point.ancestors().skip(1).collect();
-        ancestors.reverse();
-        for anc in ancestors {
-            let under_system = ["/usr", "/etc", "/proc", "/dev", "/tmp"]
-                .iter()
-                .any(|s| anc.starts_with(s));
-            if anc == Path::new("/") || under_system || made.iter().any(|m| m == anc) {
-                continue;
-            }
-            a.extend([
-                "--perms".into(),
-                "0755".into(),
-                "--dir".into(),
-                anc.display().to_string(),
-            ]);
-            made.push(anc.to_path_buf());
-        }
+        // The same for the mount point's parents: a workspace mounted at a deep path (a venv
+        // built at its final place) stays reachable.
+        parent_dirs(&ws.mount_point, &mut made, &mut a);
         a.extend([
             "--bind-fd".into(),
             fds[0].as_raw_fd().to_string(),
@@ -779,4 +747,26 @@ fn open_path(p: &Path) -> Result<OwnedFd, SandboxError> {
             source,
         })?;
     Ok(OwnedFd::from(f))
+}
+
+/// Adds `--perms 0755 --dir` for each parent of `p` not yet made (outside the system trees the
+/// sandbox binds itself), so bwrap does not create them with the host's modes or 0700.
+fn parent_dirs(p: &Path, made: &mut Vec<PathBuf>, args: &mut Vec<String>) {
+    let mut ancestors: Vec<&Path> = p.ancestors().skip(1).collect();
+    ancestors.reverse();
+    for anc in ancestors {
+        let under_system = ["/usr", "/etc", "/proc", "/dev", "/tmp"]
+            .iter()
+            .any(|s| anc.starts_with(s));
+        if anc == Path::new("/") || under_system || made.iter().any(|m| m == anc) {
+            continue;
+        }
+        args.extend([
+            "--perms".into(),
+            "0755".into(),
+            "--dir".into(),
+            anc.display().to_string(),
+        ]);
+        made.push(anc.to_path_buf());
+    }
 }

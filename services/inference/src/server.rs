@@ -346,6 +346,17 @@ fn sse_response(rx: mpsc::Receiver<Result<SseEvent, Infallible>>) -> Response {
     Sse::new(ReceiverStream::new(rx)).into_response()
 }
 
+/// Ends a stream as OpenAI does: the usage chunk when asked for (`stream_options.include_usage`),
+/// then `[DONE]`.
+async fn end_stream(tx: &SseSender, usage: Option<Value>) {
+    if let Some(u) = usage
+        && !send_json(tx, u).await
+    {
+        return;
+    }
+    let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+}
+
 async fn send_json(tx: &SseSender, v: Value) -> bool {
     tx.send(Ok(SseEvent::default().data(v.to_string())))
         .await
@@ -426,18 +437,15 @@ fn stream_completions(
                 return;
             }
         }
-        if c.include_usage {
-            let usage = json!({
+        let usage = c.include_usage.then(|| {
+            json!({
                 "id": id, "object": "text_completion", "created": created, "model": st.name,
                 "choices": [],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens},
-            });
-            if !send_json(&tx, usage).await {
-                return;
-            }
-        }
-        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+            })
+        });
+        end_stream(&tx, usage).await;
     });
     sse_response(rx)
 }
@@ -697,18 +705,15 @@ fn stream_chat(
                 return;
             }
         }
-        if c.include_usage {
-            let usage = json!({
+        let usage = c.include_usage.then(|| {
+            json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": st.name,
                 "choices": [],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens},
-            });
-            if !send_json(&tx, usage).await {
-                return;
-            }
-        }
-        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+            })
+        });
+        end_stream(&tx, usage).await;
     });
     sse_response(out)
 }

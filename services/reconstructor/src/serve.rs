@@ -29,26 +29,6 @@ use tonic::{Request, Response, Status};
 /// tokenizer crate); `None` path means the configured default.
 pub type TokenizerLoader = Arc<dyn Fn(Option<&str>) -> anyhow::Result<TokenCounter> + Send + Sync>;
 
-/// A local path or URI split into the store root and the key/prefix inside it.
-pub fn split_uri(uri: &str) -> (String, String) {
-    let local = uri
-        .strip_prefix("file://")
-        .or(if uri.contains("://") { None } else { Some(uri) });
-    if let Some(p) = local {
-        let path = std::path::Path::new(p);
-        if path.is_file()
-            && let (Some(d), Some(n)) = (path.parent(), path.file_name())
-        {
-            let d = d.to_string_lossy().to_string();
-            return (
-                if d.is_empty() { ".".into() } else { d },
-                n.to_string_lossy().to_string(),
-            );
-        }
-    }
-    (uri.to_string(), String::new())
-}
-
 /// `PATH:field1,field2`, or a bare path whose fields follow the benchmark's published columns.
 pub fn parse_benchmark(spec: &str) -> anyhow::Result<BenchmarkFile> {
     if let Some((path, fields)) = spec.rsplit_once(':')
@@ -213,7 +193,7 @@ async fn list_all_inputs(
 ) -> anyhow::Result<Vec<(Arc<dyn BlobStore>, String)>> {
     let mut inputs = Vec::new();
     for uri in &spec.inputs {
-        let (root, key) = split_uri(uri);
+        let (root, key) = blob::split_uri(uri);
         let store = blob::open(&root, s3).await?;
         for k in batch::list_inputs(store.as_ref(), &key).await? {
             inputs.push((store.clone(), k));

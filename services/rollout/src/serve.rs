@@ -41,7 +41,7 @@ pub struct TaskShard {
 pub async fn load_tasks(uris: &[String], s3: &S3Config) -> anyhow::Result<Vec<TaskShard>> {
     let mut out = Vec::new();
     for uri in uris {
-        let (root, key) = split_uri(uri);
+        let (root, key) = blob::split_uri(uri);
         let store = blob::open(&root, s3).await?;
         let keys: Vec<String> = if key.is_empty() || store.head(&key).await?.is_none() {
             store
@@ -115,26 +115,6 @@ fn parse_tasks(text: &str) -> anyhow::Result<Vec<TaskInstance>> {
         );
     }
     Ok(tasks)
-}
-
-/// A local path or URI as (store root, key or prefix).
-fn split_uri(uri: &str) -> (String, String) {
-    let local = uri
-        .strip_prefix("file://")
-        .or(if uri.contains("://") { None } else { Some(uri) });
-    if let Some(p) = local {
-        let path = std::path::Path::new(p);
-        if path.is_file()
-            && let (Some(d), Some(n)) = (path.parent(), path.file_name())
-        {
-            let d = d.to_string_lossy().to_string();
-            return (
-                if d.is_empty() { ".".into() } else { d },
-                n.to_string_lossy().to_string(),
-            );
-        }
-    }
-    (uri.to_string(), String::new())
 }
 
 /// Where a job's tasks go in its work directory, and their claims.
