@@ -80,6 +80,9 @@ const SWE_BENCH_COLUMNS: [&str; 12] = [
 ];
 
 /// Deserialises a normalised row; the error names the field (`at `{prefix}base_commit``).
+/// The columns published sets name an instance's image in, in order of preference.
+const IMAGE_COLUMNS: [&str; 3] = ["docker_image", "image_name", "image"];
+
 fn instance_of(row: Value, prefix: &str) -> anyhow::Result<TaskInstance> {
     serde_path_to_error::deserialize(row).map_err(|e| match e.path().to_string().as_str() {
         "." if prefix.is_empty() => anyhow::anyhow!("{}", e.inner()),
@@ -154,20 +157,29 @@ pub(crate) fn normalize_at(
         SetFormat::Auto => SetFormat::detect(&m),
         f => f,
     };
-    if format == SetFormat::Davinci {
-        return instance_of(Value::Object(m), prefix);
-    }
-    let install_config = m.remove("install_config");
-    let image = ["docker_image", "image_name", "image"]
+    let image = IMAGE_COLUMNS
         .iter()
         .find_map(|k| m.get(*k).and_then(Value::as_str).map(str::to_string))
         .filter(|s| !s.trim().is_empty());
+    if format == SetFormat::Davinci {
+        // Our rows carry the image in `env.image`; a top-level image column (as a SWE-rebench
+        // row names it) fills it when `env` leaves it unset.
+        for k in IMAGE_COLUMNS {
+            m.remove(k);
+        }
+        let mut inst = instance_of(Value::Object(m), prefix)?;
+        if inst.env.image.is_none() {
+            inst.env.image = image;
+        }
+        return Ok(inst);
+    }
+    let install_config = m.remove("install_config");
     let mut core = Map::new();
     let mut extra = Map::new();
     for (k, v) in m {
         if SWE_BENCH_COLUMNS.contains(&k.as_str()) {
             core.insert(k, v);
-        } else if !["docker_image", "image_name", "image"].contains(&k.as_str()) {
+        } else if !IMAGE_COLUMNS.contains(&k.as_str()) {
             extra.insert(k, v);
         }
     }

@@ -143,3 +143,29 @@ fn our_output_reads_back_unchanged_and_bad_rows_name_the_field() {
     );
     assert!(SetFormat::parse("swe-bench-pro").is_err());
 }
+
+/// A row of our own shape (it has `env`) that names its image at the top level, as a
+/// SWE-rebench row does, runs on that image; `env.image` wins where both are given.
+#[test]
+fn a_top_level_image_fills_an_env_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tasks.jsonl");
+    let row = |extra: serde_json::Value| {
+        let mut r = serde_json::json!({
+            "instance_id": "a__b-1", "repo": "a/b", "base_commit": "x",
+            "env": {"test_cmd": "pytest"},
+        });
+        r.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        r
+    };
+    let both = row(serde_json::json!({"docker_image": "img:top"}));
+    let mut env_wins = row(serde_json::json!({"image_name": "img:top"}));
+    env_wins["env"]["image"] = "img:env".into();
+    std::fs::write(&p, format!("{both}\n{env_wins}\n")).unwrap();
+    let v = load_instances(&p).unwrap();
+    assert_eq!(v[0].env.image.as_deref(), Some("img:top"));
+    assert_eq!(v[0].env.test_cmd.as_deref(), Some("pytest"));
+    assert_eq!(v[1].env.image.as_deref(), Some("img:env"));
+}
