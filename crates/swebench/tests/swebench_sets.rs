@@ -150,9 +150,9 @@ fn our_output_reads_back_unchanged_and_bad_rows_name_the_field() {
 fn a_top_level_image_fills_an_env_without_one() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tasks.jsonl");
-    let row = |extra: serde_json::Value| {
+    let row = |id: &str, extra: serde_json::Value| {
         let mut r = serde_json::json!({
-            "instance_id": "a__b-1", "repo": "a/b", "base_commit": "x",
+            "instance_id": id, "repo": "a/b", "base_commit": "x",
             "env": {"test_cmd": "pytest"},
         });
         r.as_object_mut()
@@ -160,8 +160,8 @@ fn a_top_level_image_fills_an_env_without_one() {
             .extend(extra.as_object().unwrap().clone());
         r
     };
-    let both = row(serde_json::json!({"docker_image": "img:top"}));
-    let mut env_wins = row(serde_json::json!({"image_name": "img:top"}));
+    let both = row("a__b-1", serde_json::json!({"docker_image": "img:top"}));
+    let mut env_wins = row("a__b-2", serde_json::json!({"image_name": "img:top"}));
     env_wins["env"]["image"] = "img:env".into();
     std::fs::write(&p, format!("{both}\n{env_wins}\n")).unwrap();
     let v = load_instances(&p).unwrap();
