@@ -466,6 +466,8 @@ def expect(case: str, values: dict, objs: list[dict], rules: dict, dashboards: l
     settings = yaml.safe_load(cms[f"{rel}-davinci"]["data"]["davinci.yaml"])
     want_queue = "redis://dv-redis:6379" if values["redis"]["enabled"] else values["redis"]["external"]["url"]
     check(settings["queue"]["url"] == want_queue, f"{case}: queue.url {settings['queue']}")
+    check(settings["trainer"]["reattach_namespaces"] == [NAMESPACE],
+          f"{case}: a restarted trainer must re-attach in the release namespace: {settings.get('trainer')}")
     check(by_kind(objs, "StatefulSet").get(f"{rel}-redis") is not None or not values["redis"]["enabled"],
           f"{case}: bundled Redis missing")
 

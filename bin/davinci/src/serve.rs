@@ -230,11 +230,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     .into_server(),
                 )
             }
-            Target::Trainer => routes.add_service(
-                davinci_trainer::serve::TrainerService::new(jobs)
-                    .with_s3(ctx.settings.storage.s3.clone())
-                    .into_server(),
-            ),
+            Target::Trainer => {
+                let svc = davinci_trainer::serve::TrainerService::new(jobs)
+                    .with_s3(ctx.settings.storage.s3.clone());
+                let ns = &ctx.settings.trainer.reattach_namespaces;
+                if !ns.is_empty() {
+                    let ns: Vec<&str> = ns.iter().map(String::as_str).collect();
+                    let n = svc.reattach(&ns).await.with_context(|| {
+                        format!(
+                            "re-attaching to cluster jobs in {ns:?} (trainer.reattach_namespaces)"
+                        )
+                    })?;
+                    tracing::info!(jobs = n, namespaces = ?ns, "re-attached to cluster training jobs");
+                }
+                routes.add_service(svc.into_server())
+            }
             Target::Crawler => {
                 let (base, github) = crawler_parts(&ctx).await?;
                 let work = davinci_crawler::serve::worker(

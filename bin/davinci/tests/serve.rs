@@ -251,3 +251,124 @@ fn every_target_serves_with_no_settings_at_all() {
         }
     }
 }
+
+/// A trainer started with `trainer.reattach_namespaces` follows again the cluster job a killed
+/// predecessor left running (its plan ConfigMap and stage-1 JobSet, found by label on a fake
+/// Kubernetes API); with no API to reach it refuses to start, naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_trainer_serve_reattaches_to_its_cluster_jobs() {
+    use davinci_proto::v1::JobState;
+    use davinci_trainer::jobset::{self, render};
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    const NS: &str = "davinci";
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let docker = bollard::Docker::connect_with_local_defaults().expect("docker client");
+    let fake = davinci_kube_fake::FakeCluster::start(Default::default(), docker)
+        .await
+        .unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../services/trainer/tests/fixtures");
+    let spec = davinci_proto::v1::TrainSpec {
+        data: fixtures.join("packed/manifest.json").display().to_string(),
+        out: "s3://davinci/runs/r1".into(),
+        model: fixtures.join("jobset/tiny-model").display().to_string(),
+        engine: "jobset".into(),
+        config_json: serde_json::json!({
+            "global_batch": 2, "micro_batch": 1,
+            "cluster": {
+                "kind": "jobset", "namespace": NS,
+                "image": "registry.local/megatron:core-0.15.3",
+                "parallel": {"nodes": 2, "gpus_per_node": 1, "tp": 1, "pp": 1},
+                "data_root": "s3://davinci/runs/r1/packed", "s3_secret": "davinci-s3",
+            },
+        })
+        .to_string(),
+        ..Default::default()
+    };
+    let job_id = "0123456789abcdef0123456789abcdef";
+    let plan = jobset::plan_from_spec(&spec, "r1", job_id, &Default::default())
+        .await
+        .unwrap();
+    let mut cfg = kube::Config::new(fake.url().parse().unwrap());
+    cfg.default_namespace = NS.into();
+    let client = kube::Client::try_from(cfg).unwrap();
+    let api = |group: &str, version: &str, kind: &str, plural: &str| {
+        kube::Api::<DynamicObject>::namespaced_with(
+            client.clone(),
+            NS,
+            &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural),
+        )
+    };
+    let mut cm = render::config_map(&plan).unwrap();
+    cm["metadata"]["annotations"][render::COMPLETED_ANNOTATION] = "1".into();
+    api("", "v1", "ConfigMap", "configmaps")
+        .create(&Default::default(), &serde_json::from_value(cm).unwrap())
+        .await
+        .unwrap();
+    api("jobset.x-k8s.io", "v1alpha2", "JobSet", "jobsets")
+        .create(
+            &Default::default(),
+            &serde_json::from_value(render::jobset(&plan, &plan.stages[1])).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: u\n    namespace: {NS}\n\
+             current-context: fake\nusers:\n- name: u\n  user: {{}}\n",
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let settings = dir.path().join("davinci.yaml");
+    std::fs::write(&settings, format!("trainer:\n  reattach_namespaces: [{NS}]\n")).unwrap();
+    let serve = |kubeconfig: &std::path::Path| {
+        let (flags, addr) = listen_flags();
+        let child = Command::new(env!("CARGO_BIN_EXE_davinci"))
+            .args(["serve", "--target", "trainer", "--config"])
+            .arg(&settings)
+            .args(&flags)
+            .env_remove("DAVINCI_AUTH_TOKEN")
+            .env("KUBECONFIG", kubeconfig)
+            .env(
+                "DAVINCI__STORAGE__URI",
+                format!("file://{}", dir.path().display()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, addr)
+    };
+    let (child, addr) = serve(&kubeconfig);
+    let s = Server {
+        child,
+        addr: format!("http://{addr}"),
+        metrics: String::new(),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let mut trainer = TrainerClient::new(channel(&s).await);
+    let job = trainer
+        .get_train(JobRef {
+            job_id: job_id.into(),
+        })
+        .await
+        .expect("the re-attached job is known to the new process")
+        .into_inner();
+    assert_eq!(job.run_id, "r1");
+    assert_eq!(job.state, JobState::Running as i32, "{job:?}");
+    drop(s);
+    fake.shutdown().await;
+
+    // The API is gone now: a trainer told to re-attach must not come up pretending it did.
+    let (child, _) = serve(&kubeconfig);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("trainer.reattach_namespaces"), "{err}");
+}

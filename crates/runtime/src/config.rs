@@ -32,6 +32,7 @@ pub struct Settings {
     pub services: ServicesSettings,
     pub evaluator: EvaluatorSettings,
     pub rollout: RolloutServiceSettings,
+    pub trainer: TrainerSettings,
     pub github: GithubSettings,
     /// Where untrusted commands run (SWE-bench grading, agent tools): `kind: local`
     /// (bubblewrap), `docker` or `kubernetes`, with that backend's options.
@@ -59,6 +60,16 @@ impl Default for RolloutServiceSettings {
             workers: 2,
         }
     }
+}
+
+/// The trainer service's own settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerSettings {
+    /// Namespaces where a starting trainer looks for the cluster jobs (JobSets / TrainJobs) a
+    /// previous process left running, by label, and follows them again; empty: none (the
+    /// chart sets the release namespace).
+    pub reattach_namespaces: Vec<String>,
 }
 
 /// The crawler's GitHub: tokens come from `GITHUB_TOKENS` / `GITHUB_TOKEN`, never from here.

@@ -67,5 +67,7 @@ with the queue URL, listen addresses and service addresses the chart knows. */}}
 {{- $_ := set $svc $key (include "davinci.serviceUrl" (dict "root" $ "name" $target)) -}}
 {{- end -}}
 {{- $_ := set $s "services" $svc -}}
+{{- /* A restarted trainer pod follows again the cluster jobs it submitted in this namespace. */ -}}
+{{- $_ := set $s "trainer" (merge ($s.trainer | default dict) (dict "reattach_namespaces" (list .Release.Namespace))) -}}
 {{ toYaml $s }}
 {{- end -}}

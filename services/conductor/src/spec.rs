@@ -307,6 +307,11 @@ pub struct Training {
     /// schedule (lr 1e-5, 10% warmup, 5 epochs) for `assistant-only`.
     #[serde(default)]
     pub stages: Vec<TrainStage>,
+    /// Engine `jobset` only: the trainer's cluster settings (kind jobset|trainjob, namespace,
+    /// image, parallel {nodes, gpus_per_node, tp, pp, …}, data_root, s3_secret, …), passed as
+    /// they are; the trainer refuses an unknown field by its path when the stage starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 fn default_engine() -> String {
@@ -355,6 +360,15 @@ impl Training {
             return Err(err(
                 "training.engine",
                 format!("`{}` is not candle or jobset", self.engine),
+            ));
+        }
+        if self.cluster.is_some() && self.engine != "jobset" {
+            return Err(err(
+                "training.cluster",
+                format!(
+                    "only engine jobset runs on a cluster (engine is `{}`)",
+                    self.engine
+                ),
             ));
         }
         if self.global_batch == 0 {
@@ -424,14 +438,18 @@ impl Training {
                 o
             })
             .collect();
-        serde_json::json!({
+        let mut c = serde_json::json!({
             "stages": stages,
             "global_batch": self.global_batch,
             "micro_batch": self.micro_batch,
             "seed": self.seed,
             "clip": self.clip,
             "checkpoint_every": self.checkpoint_every,
-        })
+        });
+        if let Some(cluster) = &self.cluster {
+            c["cluster"] = cluster.clone().into();
+        }
+        c
     }
 }
 
@@ -841,6 +859,22 @@ mod tests {
             bad("global_batch: 4", "global_batch: 4\n  lr: 1"),
             "training.lr"
         );
+        let cluster = "global_batch: 4\n  cluster: {namespace: gpu, parallel: {nodes: 8, gpus_per_node: 8, tp: 8, pp: 4}}";
+        assert_eq!(
+            bad("global_batch: 4", cluster),
+            "training.cluster",
+            "a cluster section needs engine jobset"
+        );
+        let on_cluster = RunSpec::parse(&y.replace(
+            "global_batch: 4",
+            &format!("{cluster}\n  engine: jobset"),
+        ))
+        .unwrap();
+        let t = on_cluster.train_spec("s3://b/p", "r1").unwrap();
+        let c: serde_json::Value = serde_json::from_str(&t.config_json).unwrap();
+        assert_eq!(t.engine, "jobset");
+        assert_eq!(c["cluster"]["namespace"], "gpu");
+        assert_eq!(c["cluster"]["parallel"]["pp"], 4);
     }
 
     #[test]
