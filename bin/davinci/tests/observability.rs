@@ -1,7 +1,8 @@
 //! The dashboards and alerts against a real Prometheus: it scrapes a distributed run (one
-//! `davinci serve` process per target on a real Redis, crawling, rebuilding,
-//! packing and training), then every PromQL expression of every dashboard panel is evaluated
-//! through its HTTP API and must return data, and every metric an alert reads must have series.
+//! `davinci serve` process per target on a real Redis, crawling, rebuilding, packing and
+//! training, then a HumanEval job and replay rollouts), then every PromQL expression of every
+//! dashboard panel is evaluated through its HTTP API and must return data, and every metric an
+//! alert reads must have series.
 //! So no dashboard or alert can name a metric the code does not serve.
 //!
 //! Expressions on metrics this run cannot produce are listed in [`NOT_HERE`] with the reason;
@@ -24,7 +25,11 @@ const NOT_HERE: &[(&str, &str)] = &[
     ),
     (
         "davinci_sandbox_reclaimed_total",
-        "served by sandbox sweeps, which run in the rollout's workers; this run makes no sandbox",
+        "served by the Docker and Kubernetes backends' lease sweeps; this run's rollouts use the local backend",
+    ),
+    (
+        "davinci_rollout_infra_failures_total",
+        "counted when a rollout fails for infrastructure reasons; this run has none",
     ),
 ];
 
@@ -242,6 +247,51 @@ async fn evaluate(addr: &str, dir: &Path) {
     assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
 }
 
+/// Runs a rollout job (two fixture tasks, the replay policy, two rollouts each, in the local
+/// sandbox) on the rollout target at `addr` to the end, for the rollout dashboard's series.
+async fn roll_out(addr: &str, dir: &Path) {
+    use davinci_proto::v1::rollout_client::RolloutClient;
+    use davinci_proto::v1::{JobRef, JobState, RolloutSpec, StartRolloutRequest};
+    let repos = dir.join("task-repos");
+    let mut lines = String::new();
+    for n in 1..=2 {
+        let t = davinci_testkit::tasks::textkit_task(&repos, n).unwrap();
+        lines.push_str(&serde_json::to_string(&t).unwrap());
+        lines.push('\n');
+    }
+    let tasks = dir.join("tasks.jsonl");
+    std::fs::write(&tasks, lines).unwrap();
+    let mut client = RolloutClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let job = client
+        .start_rollout(StartRolloutRequest {
+            run_id: "observed".into(),
+            spec: Some(RolloutSpec {
+                tasks: vec![tasks.display().to_string()],
+                out: dir.join("rollouts").display().to_string(),
+                rollouts_per_task: 2,
+                policy: "replay".into(),
+                settings_json: serde_json::json!({"repos_dir": repos}).to_string(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let job_ref = JobRef {
+        job_id: job.job_id.clone(),
+    };
+    let mut events = client
+        .watch_rollout(job_ref.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    while events.message().await.unwrap().is_some() {}
+    let done = client.get_rollout(job_ref).await.unwrap().into_inner();
+    assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboards_and_alerts_return_data_from_a_distributed_run() {
     if !davinci_testkit::PrometheusServer::available() {
@@ -353,6 +403,8 @@ async fn dashboards_and_alerts_return_data_from_a_distributed_run() {
 
     // A HumanEval job on the evaluator (the fixture's canonical solutions), for its scores.
     evaluate(&addrs["evaluator"].0, dir.path()).await;
+    // Replay rollouts on the rollout target, for the rollout dashboard.
+    roll_out(&addrs["rollout"].0, dir.path()).await;
 
     // KEDA's redis-streams scaler in lagCount mode reads XINFO GROUPS `lag`: after a run that
     // acked (and so XDELeted) every entry, Redis must still know it (an integer, not nil).

@@ -252,6 +252,7 @@ pub async fn run_task(
         let key = rollout_key(&id);
         let traj: Trajectory = match work.get(&key).await {
             Ok(b) => {
+                metrics::counter!("davinci_rollout_reused_total").increment(1);
                 part.reused += 1;
                 serde_json::from_slice(&b)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", work.uri(&key)))?
@@ -262,8 +263,12 @@ pub async fn run_task(
                     tries += 1;
                     let mut policy = roller.policy(task, index);
                     match roller.agent.run(task, policy.as_mut(), index).await {
-                        Ok(t) => break t,
+                        Ok(t) => {
+                            record_metrics(&t);
+                            break t;
+                        }
                         Err(e) => {
+                            metrics::counter!("davinci_rollout_infra_failures_total", "reason" => e.reason().to_string()).increment(1);
                             *part.infra.entry(e.reason().to_string()).or_default() += 1;
                             tracing::warn!(task = %task.instance_id, index, attempt = tries, error = %e, "rollout failed (infrastructure)");
                             if e.is_permanent() {
@@ -297,6 +302,29 @@ pub async fn run_task(
         });
     }
     Ok(part)
+}
+
+/// What a finished rollout tells the dashboard: its outcome, its length in seconds, steps and
+/// tokens, and the time each step spent in the model and in the sandbox.
+fn record_metrics(t: &Trajectory) {
+    let Some(run) = &t.run else { return };
+    let policy = run.policy.clone();
+    let resolved = if t.outcome.resolved { "true" } else { "false" };
+    metrics::counter!("davinci_rollout_rollouts_total", "policy" => policy.clone(), "exit_status" => t.outcome.exit_status.clone(), "resolved" => resolved).increment(1);
+    metrics::histogram!("davinci_rollout_duration_seconds", "policy" => policy.clone())
+        .record(run.seconds);
+    metrics::counter!("davinci_rollout_steps_total", "policy" => policy.clone())
+        .increment(run.steps.len() as u64);
+    metrics::counter!("davinci_rollout_format_errors_total", "policy" => policy.clone())
+        .increment(u64::from(run.format_errors));
+    metrics::counter!("davinci_rollout_tokens_total", "policy" => policy.clone())
+        .increment(t.n_tokens.unwrap_or(0));
+    for step in &run.steps {
+        metrics::histogram!("davinci_rollout_step_model_seconds", "policy" => policy.clone())
+            .record(step.model_seconds);
+        metrics::histogram!("davinci_rollout_step_tool_seconds", "policy" => policy.clone())
+            .record(step.tool_seconds);
+    }
 }
 
 /// `stats/rollout.json`.
