@@ -455,7 +455,11 @@ fn rollout_settings(
     let r = &settings.rollout;
     let mut s = davinci_rollout::pipeline::RolloutSettings::default();
     if r.sandbox.is_empty() {
+        // The shared section's limits, with the repository where the agent's tools look.
         s.sandbox = settings.sandbox.clone();
+        if let davinci_sandbox::Backend::Local(l) = &mut s.sandbox {
+            l.mount_point = davinci_rollout::pipeline::TESTBED.into();
+        }
     } else {
         s.sandbox = serde_path_to_error::deserialize(serde_json::Value::Object(r.sandbox.clone()))
             .map_err(|e| anyhow::anyhow!("invalid setting rollout.sandbox.{e}"))?;

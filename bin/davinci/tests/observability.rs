@@ -28,6 +28,10 @@ const NOT_HERE: &[(&str, &str)] = &[
         "served by the Docker and Kubernetes backends' lease sweeps; this run's rollouts use the local backend",
     ),
     (
+        "davinci_rollout_reused_total",
+        "counted when a task redone after its worker died finds finished rollouts; this run kills no worker",
+    ),
+    (
         "davinci_rollout_infra_failures_total",
         "counted when a rollout fails for infrastructure reasons; this run has none",
     ),
@@ -290,6 +294,14 @@ async fn roll_out(addr: &str, dir: &Path) {
     while events.message().await.unwrap().is_some() {}
     let done = client.get_rollout(job_ref).await.unwrap().into_inner();
     assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+    let stats: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("rollouts/stats/rollout.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (&stats["rollouts"], &stats["pass"]),
+        (&4.into(), &4.into()),
+        "every replay rollout passes: {stats}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

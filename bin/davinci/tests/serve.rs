@@ -296,7 +296,10 @@ async fn a_restarted_trainer_serve_reattaches_to_its_cluster_jobs() {
         kube::Api::<DynamicObject>::namespaced_with(
             client.clone(),
             NS,
-            &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural),
+            &ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk(group, version, kind),
+                plural,
+            ),
         )
     };
     let mut cm = render::config_map(&plan).unwrap();
@@ -326,7 +329,11 @@ async fn a_restarted_trainer_serve_reattaches_to_its_cluster_jobs() {
     )
     .unwrap();
     let settings = dir.path().join("davinci.yaml");
-    std::fs::write(&settings, format!("trainer:\n  reattach_namespaces: [{NS}]\n")).unwrap();
+    std::fs::write(
+        &settings,
+        format!("trainer:\n  reattach_namespaces: [{NS}]\n"),
+    )
+    .unwrap();
     let serve = |kubeconfig: &std::path::Path| {
         let (flags, addr) = listen_flags();
         let child = Command::new(env!("CARGO_BIN_EXE_davinci"))

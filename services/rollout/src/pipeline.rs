@@ -20,6 +20,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Where the repository is in an agent's sandbox: the tool schemas say so, as SWE-bench's
+/// images have it.
+pub const TESTBED: &str = "/testbed";
+
 /// Who drives the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -79,7 +83,7 @@ impl Default for RolloutSettings {
             rollouts_per_task: 1,
             agent: AgentConfig::default(),
             sandbox: davinci_sandbox::Backend::Local(davinci_sandbox::LocalConfig {
-                mount_point: "/testbed".into(),
+                mount_point: TESTBED.into(),
                 ..Default::default()
             }),
             repos_dir: None,
@@ -113,6 +117,14 @@ impl RolloutSettings {
             "agent.context_tokens: {} is too small to hold the prompt",
             self.agent.context_tokens
         );
+        if let davinci_sandbox::Backend::Local(l) = &self.sandbox {
+            anyhow::ensure!(
+                l.mount_point == std::path::Path::new(TESTBED),
+                "sandbox.mount_point: {} (the agent's tools and the replay policy work in {TESTBED}; \
+                 leave it unset or set it to {TESTBED})",
+                l.mount_point.display()
+            );
+        }
         if self.policy == PolicyKind::Openai {
             anyhow::ensure!(
                 !self.llm.base_url.is_empty(),
@@ -198,7 +210,7 @@ impl Roller {
 
     fn policy(&self, task: &TaskInstance, index: u32) -> Box<dyn Policy> {
         match self.settings.policy {
-            PolicyKind::Replay => Box::new(ReplayPolicy::new(task, "/testbed")),
+            PolicyKind::Replay => Box::new(ReplayPolicy::new(task, TESTBED)),
             PolicyKind::Null => Box::new(NullPolicy),
             PolicyKind::Openai => Box::new(OpenAiPolicy::new(self.clients[index as usize].clone())),
         }
@@ -366,5 +378,27 @@ impl Stats {
         } else {
             self.pass as f64 / self.rollouts as f64
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A local sandbox that mounts the repository anywhere but /testbed is refused up front:
+    /// the tools would look for it where it is not and every rollout would fail.
+    #[test]
+    fn a_local_sandbox_must_mount_the_repository_at_testbed() {
+        let mut s = RolloutSettings {
+            out: "/tmp/out".into(),
+            ..Default::default()
+        };
+        s.validate().unwrap();
+        s.sandbox = davinci_sandbox::Backend::Local(davinci_sandbox::LocalConfig::default());
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("sandbox.mount_point: /workspace") && e.contains("/testbed"),
+            "{e}"
+        );
     }
 }
