@@ -865,11 +865,9 @@ mod tests {
             "training.cluster",
             "a cluster section needs engine jobset"
         );
-        let on_cluster = RunSpec::parse(&y.replace(
-            "global_batch: 4",
-            &format!("{cluster}\n  engine: jobset"),
-        ))
-        .unwrap();
+        let on_cluster =
+            RunSpec::parse(&y.replace("global_batch: 4", &format!("{cluster}\n  engine: jobset")))
+                .unwrap();
         let t = on_cluster.train_spec("s3://b/p", "r1").unwrap();
         let c: serde_json::Value = serde_json::from_str(&t.config_json).unwrap();
         assert_eq!(t.engine, "jobset");
