@@ -4,7 +4,7 @@ use davinci_crawler::github::{Discovery, GithubClient, GithubConfig};
 use davinci_crawler::pipeline::{self, CrawlConfig, Event, RepoSpec, Sinks};
 use davinci_crawler::sources::{self, Inputs};
 use davinci_crawler::{SWE_BENCH_VERIFIED_REPOS, Subset};
-use davinci_runtime::blob::{self, S3Config};
+use davinci_runtime::blob;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -137,7 +137,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.shard_records == 0 {
         anyhow::bail!("--shard-records must be at least 1");
     }
-    let store = blob::open(&args.out, &S3Config::default())
+    let store = blob::open(&args.out, &crate::cli_s3()?)
         .await
         .with_context(|| format!("opening output storage `{}`", args.out))?;
     let mut cfg = CrawlConfig::new(&args.run);
@@ -266,14 +266,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let started = std::time::Instant::now();
-    let stats = sources::crawl(
-        &cfg,
-        &inputs,
-        github.as_deref(),
-        &S3Config::default(),
-        &sinks,
-    )
-    .await?;
+    let stats = sources::crawl(&cfg, &inputs, github.as_deref(), &crate::cli_s3()?, &sinks).await?;
     shards_bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
 

@@ -53,6 +53,16 @@ enum Command {
     Health(health::Args),
 }
 
+/// The S3 settings of one-shot commands: `storage.s3` as `davinci serve` reads it from
+/// `DAVINCI__STORAGE__S3__…` variables (endpoint, path style, keys), so `s3://` inputs and
+/// outputs of every command reach the same S3-compatible server the services use.
+fn cli_s3() -> anyhow::Result<davinci_runtime::blob::S3Config> {
+    Ok(davinci_runtime::config::Settings::load(None)
+        .map_err(|e| anyhow::anyhow!("{e} (from the DAVINCI__ environment variables)"))?
+        .storage
+        .s3)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -1,7 +1,6 @@
 //! `davinci pack`: tokenize samples and trajectories and pack them into Megatron indexed-dataset
 //! shards with a mixture manifest (DESIGN.md §4 "Packed shards").
 use anyhow::Context;
-use davinci_runtime::blob::S3Config;
 use davinci_tokenize::Tokenizer;
 use davinci_tokenizer_packer::job;
 use davinci_tokenizer_packer::mixture::Mixture;
@@ -65,7 +64,7 @@ pub struct Args {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
-    let s3 = S3Config::default();
+    let s3 = crate::cli_s3()?;
     let mixture = match &args.mixture {
         Some(p) => Mixture::parse(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,

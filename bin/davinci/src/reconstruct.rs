@@ -5,7 +5,7 @@ use davinci_core::sample::SampleSource;
 use davinci_reconstructor::batch;
 use davinci_reconstructor::serve;
 use davinci_reconstructor::{ReconstructConfig, Reconstructor, TokenCounter};
-use davinci_runtime::blob::{self, S3Config};
+use davinci_runtime::blob;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -106,7 +106,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => davinci_reconstructor::word_counter(),
     };
 
-    let s3 = S3Config::default();
+    let s3 = crate::cli_s3()?;
     let (in_root, in_key) = davinci_runtime::blob::split_uri(&args.input);
     let input = blob::open(&in_root, &s3)
         .await

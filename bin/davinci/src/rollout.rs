@@ -1,7 +1,6 @@
 //! `davinci rollout`: validated tasks → agent trajectories, graded, as a one-off batch.
 use anyhow::Context;
 use davinci_rollout::pipeline::{PolicyKind, RolloutSettings};
-use davinci_runtime::blob::S3Config;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -158,7 +157,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (written, stats) = davinci_rollout::serve::run_embedded(
         &tasks,
         &settings,
-        &S3Config::default(),
+        &crate::cli_s3()?,
         args.workers,
         &progress,
         on_rollout,

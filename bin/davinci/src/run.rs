@@ -8,7 +8,7 @@ use crate::runspec::{self, Overrides};
 use davinci_conductor::orchestrate::{StageAddrs, StageClients, execute};
 use davinci_conductor::summary::RunSummary;
 use davinci_proto::v1::StageStatus;
-use davinci_runtime::blob::{self, S3Config};
+use davinci_runtime::blob;
 use davinci_runtime::grpc::{self, ServeOptions};
 use davinci_runtime::jobs::JobRegistry;
 use serde_json::Value;
@@ -43,7 +43,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // The stage services, in this process, on a loopback port.
     let listener = grpc::bind("127.0.0.1:0").await?;
     let addr = format!("http://{}", listener.local_addr()?);
-    let s3 = S3Config::default();
+    let s3 = crate::cli_s3()?;
     let jobs = JobRegistry::in_memory().await;
     // Stage jobs are shared by in-process workers over an in-process queue: the same code a
     // distributed run uses, with one worker per core.

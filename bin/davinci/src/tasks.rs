@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use davinci_reconstructor::batch::list_inputs;
 use davinci_runtime::blob::split_uri;
-use davinci_runtime::blob::{self, BlobStore, S3Config};
+use davinci_runtime::blob::{self, BlobStore};
 use davinci_swebench::sets::SetFormat;
 use davinci_tasks::batch::{self, Mirrors};
 use davinci_tasks::stage::{EnvResult, TaskOutcome};
@@ -224,7 +224,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
 async fn build(a: BuildArgs) -> anyhow::Result<()> {
     let cfg = load_config(&a.common)?;
     let mirrors = mirrors(&a.common)?;
-    let s3 = S3Config::default();
+    let s3 = crate::cli_s3()?;
     let (in_root, in_key) = split_uri(&a.input);
     let input = blob::open(&in_root, &s3)
         .await
@@ -278,7 +278,7 @@ async fn validate(a: ValidateArgs) -> anyhow::Result<()> {
         "no tasks selected from {}",
         a.tasks.display()
     );
-    let s3 = S3Config::default();
+    let s3 = crate::cli_s3()?;
     let out = blob::open(&a.output, &s3)
         .await
         .with_context(|| format!("opening output {}", a.output))?;

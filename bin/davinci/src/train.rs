@@ -4,6 +4,7 @@
 //! them, as `helm template` does) or submits and follows them on the current cluster.
 use anyhow::Context;
 use davinci_trainer::config::{Overrides, TrainConfig};
+use davinci_trainer::storage;
 use davinci_trainer::train::{self, Job, ModelSource};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -27,14 +28,15 @@ shm_size, max_restarts, ttl_seconds_after_finished, runtime, extra_args); checkp
 OUT/checkpoints/{step}/ after every stage."
 )]
 pub struct Args {
-    /// The packer's manifest.json (its shards lie next to it).
+    /// The packer's manifest.json (its shards lie next to it): a path, file:// or s3://.
     #[arg(long)]
     pub data: PathBuf,
     /// A Qwen2 config.json (fresh weights from --seed) or a Hugging Face model directory
     /// (config.json + model.safetensors) to continue from.
     #[arg(long)]
     pub model: PathBuf,
-    /// Output directory (path or file://).
+    /// Output directory or prefix (path, file:// or s3://). An s3:// output gets every
+    /// checkpoint as it is written, and a run started again resumes from the newest one there.
     #[arg(long)]
     pub out: String,
     /// Training config (YAML or JSON: stages with lr / warmup_ratio / min_lr_ratio / epochs /
@@ -196,11 +198,6 @@ pub fn job(args: &Args) -> anyhow::Result<Job> {
         "--model {} does not exist (a config.json or a Hugging Face model directory)",
         args.model.display()
     );
-    anyhow::ensure!(
-        !args.out.contains("://") || args.out.starts_with("file://"),
-        "--out {}: the candle engine writes to a local directory (path or file://)",
-        args.out
-    );
     Ok(Job {
         manifest: args.data.clone(),
         model: ModelSource::from_path(&args.model),
@@ -219,7 +216,43 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         !args.render && args.cluster.is_none(),
         "--render and --cluster belong to --engine jobset"
     );
+    // Remote data and output are staged in a temporary directory: the manifest now (so the
+    // job is checked before anything is downloaded), the shards and the newest remote
+    // checkpoint next, and each checkpoint goes up as soon as it is written.
+    let s3 = crate::cli_s3()?;
+    let remote_data = storage::is_remote(&args.data.to_string_lossy())
+        .then(|| args.data.to_string_lossy().into_owned());
+    let remote_out = storage::is_remote(&args.out).then(|| args.out.clone());
+    let work = (remote_data.is_some() || remote_out.is_some())
+        .then(|| tempfile::Builder::new().prefix("davinci-train-").tempdir())
+        .transpose()
+        .context("making a staging directory")?;
+    let mut args = args;
+    if let (Some(uri), Some(w)) = (&remote_data, &work) {
+        args.data = storage::fetch_manifest(uri, &s3, &w.path().join("data"))
+            .await
+            .with_context(|| format!("--data {uri}"))?;
+    }
+    if let (Some(_), Some(w)) = (&remote_out, &work) {
+        args.out = w.path().join("out").display().to_string();
+    }
     let job = job(&args)?;
+    if let Some(uri) = &remote_data {
+        eprintln!("fetching the shards of {uri}");
+        storage::stage_shards(uri, &s3, &davinci_trainer::data::data_root(&job.manifest)).await?;
+    }
+    let remote = match &remote_out {
+        Some(uri) => {
+            let r = storage::RemoteOut::open(uri, &s3, &job.out)
+                .await
+                .with_context(|| format!("--out {uri}"))?;
+            if let Some(step) = r.restore().await? {
+                eprintln!("resuming from the checkpoint at step {step} in {uri}");
+            }
+            Some(r)
+        }
+        None => None,
+    };
     if let Some(addr) = args.metrics_addr {
         davinci_runtime::telemetry::install_metrics(addr)?;
     }
@@ -238,8 +271,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
     let b = bar.clone();
+    let rt = tokio::runtime::Handle::current();
     let summary = tokio::task::spawn_blocking(move || {
-        train::train(
+        train::train_with(
             &job,
             &mut |r| {
                 b.set_length(r.total_steps);
@@ -250,6 +284,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 ));
             },
             &cancel,
+            &mut |dir| match &remote {
+                Some(r) => rt.block_on(r.publish_checkpoint(dir)),
+                None => Ok(()),
+            },
         )
     })
     .await??;
@@ -274,7 +312,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or("-".into()),
     );
     for c in &summary.checkpoints {
-        eprintln!("checkpoint {}", c.display());
+        match (&remote_out, c.file_name()) {
+            (Some(uri), Some(name)) => eprintln!(
+                "checkpoint {}/checkpoints/{}",
+                uri.trim_end_matches('/'),
+                name.to_string_lossy()
+            ),
+            _ => eprintln!("checkpoint {}", c.display()),
+        }
     }
+    drop(work);
     Ok(())
 }

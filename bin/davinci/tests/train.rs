@@ -90,3 +90,98 @@ fn kill_9_then_resume_matches_an_uninterrupted_run() {
         assert!(x == y, "{f} differs");
     }
 }
+
+/// `davinci train` with its data and output on a real S3 server (moto), found through the same
+/// `DAVINCI__STORAGE__S3__…` settings the services read: the shards are fetched, every
+/// checkpoint is uploaded as it is written, and the same command run again resumes from the
+/// newest checkpoint in the bucket instead of starting over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_data_and_output_upload_checkpoints_and_resume_from_them() {
+    let s3 = davinci_testkit::S3Server::start().await.unwrap();
+    let client = s3.client();
+    let fixture = root().join("services/trainer/tests/fixtures/packed");
+    let mut stack = vec![fixture.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let key = format!(
+                "data/{}",
+                p.strip_prefix(&fixture).unwrap().to_string_lossy()
+            );
+            client
+                .put_object()
+                .bucket(&s3.bucket)
+                .key(key)
+                .body(std::fs::read(&p).unwrap().into())
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny.json");
+    std::fs::write(&model, TINY).unwrap();
+    std::fs::write(tmp.path().join("train.yaml"), CONFIG).unwrap();
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_davinci"))
+            .arg("train")
+            .arg("--data")
+            .arg(format!("{}/manifest.json", s3.uri("data")))
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(s3.uri("out"))
+            .arg("--config")
+            .arg(tmp.path().join("train.yaml"))
+            .args(["--steps", "2"])
+            .env("DAVINCI__STORAGE__S3__ENDPOINT", &s3.endpoint)
+            .env("DAVINCI__STORAGE__S3__REGION", &s3.region)
+            .env("DAVINCI__STORAGE__S3__FORCE_PATH_STYLE", "true")
+            .env("DAVINCI__STORAGE__S3__ACCESS_KEY_ID", &s3.access_key_id)
+            .env(
+                "DAVINCI__STORAGE__S3__SECRET_ACCESS_KEY",
+                &s3.secret_access_key,
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let first = run();
+    // 2 stages capped at 2 steps each, a checkpoint every 2 steps: steps 2 and 4.
+    assert!(first.contains("for 4 steps"), "{first}");
+    let listed = client
+        .list_objects_v2()
+        .bucket(&s3.bucket)
+        .prefix("out/checkpoints/")
+        .send()
+        .await
+        .unwrap();
+    let keys: Vec<String> = listed
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_string))
+        .collect();
+    for want in [
+        "out/checkpoints/2/model.safetensors",
+        "out/checkpoints/4/model.safetensors",
+        "out/checkpoints/4/state.json",
+    ] {
+        assert!(keys.iter().any(|k| k == want), "{want} not in {keys:?}");
+    }
+    assert!(
+        first.contains(&format!("checkpoint {}/checkpoints/4", s3.uri("out"))),
+        "{first}"
+    );
+
+    let again = run();
+    assert!(
+        again.contains("resuming from the checkpoint at step 4"),
+        "{again}"
+    );
+}
