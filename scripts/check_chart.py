@@ -433,7 +433,7 @@ def expect(case: str, values: dict, objs: list[dict], rules: dict, dashboards: l
                             ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "watch", "delete"},
                             ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"}}.items():
             check(verbs <= rules_of.get(need, set()), f"{case}: trainer Role lacks {need} {verbs}")
-    if values["targets"]["rollout"]["enabled"] and values["rbac"]["create"]:
+    if any(values["targets"][t]["enabled"] for t in ("rollout", "evaluator", "tasks")) and values["rbac"]["create"]:
         rules_of = {(g, r): set(v["verbs"]) for v in roles[f"{rel}-sandbox"]["rules"]
                     for g in v["apiGroups"] for r in v["resources"]}
         for need, verbs in {("", "pods"): {"create", "get", "list", "delete"},

@@ -114,7 +114,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let output = blob::open(&args.output, &s3)
         .await
         .with_context(|| format!("opening output {}", args.output))?;
-    let inputs = batch::list_inputs(input.as_ref(), &in_key).await?;
+    let inputs = davinci_runtime::shard::list_inputs(input.as_ref(), &in_key).await?;
     anyhow::ensure!(
         !inputs.is_empty(),
         "no PR shards (*.jsonl.zst or *.jsonl) at {}",

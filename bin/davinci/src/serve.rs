@@ -11,6 +11,7 @@ pub enum Target {
     Conductor,
     Crawler,
     Reconstructor,
+    Tasks,
     Rollout,
     TokenizerPacker,
     Trainer,
@@ -101,6 +102,7 @@ fn expand(targets: &[Target]) -> Vec<Target> {
             Target::Conductor,
             Target::Crawler,
             Target::Reconstructor,
+            Target::Tasks,
             Target::Rollout,
             Target::TokenizerPacker,
             Target::Trainer,
@@ -230,6 +232,32 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     .into_server(),
                 )
             }
+            Target::Tasks => {
+                let (base, dirs) = tasks_settings(&ctx.settings)?;
+                let s3 = ctx.settings.storage.s3.clone();
+                for i in 0..ctx.settings.tasks.workers.max(1) {
+                    let work = davinci_tasks::serve::worker(
+                        ctx.queue.clone(),
+                        format!("{consumer}-t{i}"),
+                        s3.clone(),
+                        dirs.clone(),
+                        stop.clone(),
+                    );
+                    workers.spawn(async move { work.await.map(|_| ()) });
+                }
+                let repos = &ctx.settings.tasks.repos_dir;
+                routes.add_service(
+                    davinci_tasks::serve::TasksService::new(
+                        jobs,
+                        base,
+                        (!repos.is_empty()).then(|| PathBuf::from(repos)),
+                        dirs,
+                        s3,
+                    )
+                    .with_queue(ctx.queue.clone())
+                    .into_server(),
+                )
+            }
             Target::Trainer => {
                 let svc = davinci_trainer::serve::TrainerService::new(jobs)
                     .with_s3(ctx.settings.storage.s3.clone());
@@ -350,6 +378,7 @@ pub fn service_name(t: Target) -> &'static str {
         Target::Conductor => "davinci.v1.Conductor",
         Target::Crawler => "davinci.v1.Crawler",
         Target::Reconstructor => "davinci.v1.Reconstructor",
+        Target::Tasks => "davinci.v1.Tasks",
         Target::Rollout => "davinci.v1.Rollout",
         Target::TokenizerPacker => "davinci.v1.TokenizerPacker",
         Target::Trainer => "davinci.v1.Trainer",
@@ -468,4 +497,37 @@ fn rollout_settings(
         s.repos_dir = Some(PathBuf::from(&r.repos_dir));
     }
     Ok(s)
+}
+
+/// The tasks service's base stage configuration (`tasks.config`, its sandbox defaulting to the
+/// process's `sandbox:` section; a bad field is named by its path) and this replica's local
+/// directories for environments and trees.
+pub fn tasks_settings(
+    settings: &davinci_runtime::config::Settings,
+) -> anyhow::Result<(davinci_tasks::TasksConfig, davinci_tasks::serve::LocalDirs)> {
+    let t = &settings.tasks;
+    let mut map = t.config.clone();
+    if !map.contains_key("sandbox") {
+        map.insert("sandbox".into(), serde_json::to_value(&settings.sandbox)?);
+    }
+    let base: davinci_tasks::TasksConfig =
+        serde_path_to_error::deserialize(serde_json::Value::Object(map))
+            .map_err(|e| anyhow::anyhow!("invalid setting tasks.config.{e}"))?;
+    base.check()
+        .map_err(|e| anyhow::anyhow!("invalid setting tasks.config: {e:#}"))?;
+    let local = |v: &str, default: PathBuf| -> anyhow::Result<PathBuf> {
+        Ok(std::path::absolute(if v.is_empty() {
+            default
+        } else {
+            PathBuf::from(v)
+        })?)
+    };
+    let env_default = davinci_tasks::batch::local_root(&settings.storage.uri)
+        .map(|r| r.join("cache/envs"))
+        .unwrap_or_else(|| PathBuf::from("davinci-cache/envs"));
+    let dirs = davinci_tasks::serve::LocalDirs {
+        env_root: local(&t.env_root, env_default)?,
+        work_root: local(&t.work_root, PathBuf::from("davinci-work"))?,
+    };
+    Ok((base, dirs))
 }

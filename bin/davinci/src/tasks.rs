@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use davinci_reconstructor::batch::list_inputs;
 use davinci_runtime::blob::split_uri;
 use davinci_runtime::blob::{self, BlobStore};
 use davinci_swebench::sets::SetFormat;
@@ -229,7 +228,7 @@ async fn build(a: BuildArgs) -> anyhow::Result<()> {
     let input = blob::open(&in_root, &s3)
         .await
         .with_context(|| format!("opening input {}", a.input))?;
-    let keys = list_inputs(input.as_ref(), &in_key).await?;
+    let keys = davinci_runtime::shard::list_inputs(input.as_ref(), &in_key).await?;
     anyhow::ensure!(
         !keys.is_empty(),
         "no PR shards (*.jsonl.zst or *.jsonl) at {}",

@@ -239,7 +239,7 @@ fn every_target_serves_with_no_settings_at_all() {
             .unwrap();
         let out = wait_serving(&mut child, &log, &addr, &health);
         let text = String::from_utf8_lossy(&out.stdout);
-        let want = if target == "all" { 7 } else { 1 };
+        let want = if target == "all" { 8 } else { 1 };
         assert_eq!(text.matches("\tSERVING").count(), want, "{target}: {text}");
         let _ = child.kill();
         let _ = child.wait();

@@ -9,10 +9,11 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("davinci_descriptor");
 
 /// Fully qualified gRPC service names, as health checks and reflection see them.
-pub const SERVICE_NAMES: [(&str, &str); 7] = [
+pub const SERVICE_NAMES: [(&str, &str); 8] = [
     ("conductor", "davinci.v1.Conductor"),
     ("crawler", "davinci.v1.Crawler"),
     ("reconstructor", "davinci.v1.Reconstructor"),
+    ("tasks", "davinci.v1.Tasks"),
     ("rollout", "davinci.v1.Rollout"),
     ("tokenizer-packer", "davinci.v1.TokenizerPacker"),
     ("trainer", "davinci.v1.Trainer"),

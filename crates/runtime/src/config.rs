@@ -33,6 +33,7 @@ pub struct Settings {
     pub evaluator: EvaluatorSettings,
     pub rollout: RolloutServiceSettings,
     pub trainer: TrainerSettings,
+    pub tasks: TasksServiceSettings,
     pub github: GithubSettings,
     /// Where untrusted commands run (SWE-bench grading, agent tools): `kind: local`
     /// (bubblewrap), `docker` or `kubernetes`, with that backend's options.
@@ -58,6 +59,38 @@ impl Default for RolloutServiceSettings {
             sandbox: Default::default(),
             repos_dir: String::new(),
             workers: 2,
+        }
+    }
+}
+
+/// The tasks service's own settings; a job's spec adds to them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TasksServiceSettings {
+    /// The stage's base configuration as `davinci_tasks::TasksConfig` reads it (select, env,
+    /// validate, test_timeout_secs, jobs, sandbox); a job's `settings_json` is laid over it.
+    /// Without `sandbox` it takes the process's `sandbox:` section.
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// Where recipe environments are built and cached (a local directory not under `/tmp`,
+    /// which every sandbox replaces); empty: `{storage}/cache/envs` on local storage, else
+    /// `davinci-cache/envs` in the working directory.
+    pub env_root: String,
+    /// Scratch space for trees at base commits; empty: `davinci-work` in the working directory.
+    pub work_root: String,
+    /// Git mirrors `owner__name[.git]` for jobs whose spec names none; empty: none.
+    pub repos_dir: String,
+    /// PR shards one replica validates at once.
+    pub workers: usize,
+}
+
+impl Default for TasksServiceSettings {
+    fn default() -> Self {
+        Self {
+            config: Default::default(),
+            env_root: String::new(),
+            work_root: String::new(),
+            repos_dir: String::new(),
+            workers: 1,
         }
     }
 }
@@ -474,6 +507,41 @@ impl Settings {
     }
 }
 
+/// Lays the JSON object `overlay` over `base` as serialized (objects merge key by key, except
+/// the fields named in `whole`, which are replaced: a sandbox whose `kind` changes must not keep
+/// the old backend's options) and reads the result back; a bad field is named by its path.
+pub fn overlay<T: Serialize + serde::de::DeserializeOwned>(
+    base: &T,
+    overlay: &str,
+    whole: &[&str],
+) -> Result<T, String> {
+    fn merge(base: &mut serde_json::Value, overlay: serde_json::Value, whole: &[&str]) {
+        match (base, overlay) {
+            (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+                for (k, v) in o {
+                    match b.get_mut(&k) {
+                        Some(slot)
+                            if slot.is_object()
+                                && v.is_object()
+                                && !whole.contains(&k.as_str()) =>
+                        {
+                            merge(slot, v, whole)
+                        }
+                        _ => {
+                            b.insert(k, v);
+                        }
+                    }
+                }
+            }
+            (b, o) => *b = o,
+        }
+    }
+    let mut v = serde_json::to_value(base).map_err(|e| e.to_string())?;
+    let o: serde_json::Value = serde_json::from_str(overlay).map_err(|e| e.to_string())?;
+    merge(&mut v, o, whole);
+    serde_path_to_error::deserialize(v).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,5 +663,36 @@ mod tests {
         let s = Settings::load_from(None, env(&[("DAVINCI__GITHUB__WEB_URL", "file:///mirror")]))
             .unwrap();
         assert_eq!(s.github.web_url, "file:///mirror");
+    }
+
+    #[test]
+    fn overlays_merge_objects_replace_whole_fields_and_name_bad_paths() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Inner {
+            a: u32,
+            b: u32,
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Outer {
+            inner: Inner,
+            sandbox: serde_json::Value,
+        }
+        let base = Outer {
+            inner: Inner { a: 1, b: 2 },
+            sandbox: serde_json::json!({"kind": "local", "work_root": "/w"}),
+        };
+        let o: Outer = overlay(
+            &base,
+            r#"{"inner": {"b": 3}, "sandbox": {"kind": "docker"}}"#,
+            &["sandbox"],
+        )
+        .unwrap();
+        assert_eq!(o.inner, Inner { a: 1, b: 3 });
+        assert_eq!(o.sandbox, serde_json::json!({"kind": "docker"}));
+        let e = overlay(&base, r#"{"inner": {"c": 1}}"#, &[]).unwrap_err();
+        assert!(e.starts_with("inner.c: unknown field `c`"), "{e}");
+        assert!(overlay(&base, "{not json", &[]).is_err());
     }
 }

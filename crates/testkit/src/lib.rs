@@ -5,6 +5,7 @@
 //! Every server runs as a child process in its own process group and is killed (the whole
 //! group) when its handle is dropped, so a failing test does not leak servers. A missing server
 //! binary is an error that tells the developer how to install it: tests never skip silently.
+pub mod prs;
 pub mod tasks;
 pub mod vllm;
 

@@ -78,27 +78,6 @@ pub struct BatchReport {
 /// Progress callback: (PRs done, PRs in the current shard).
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
-/// The input shards under `prefix` (or the object `prefix` itself), sorted.
-pub async fn list_inputs(store: &dyn BlobStore, prefix: &str) -> anyhow::Result<Vec<String>> {
-    let is_input = |k: &str| k.ends_with(".jsonl.zst") || k.ends_with(".jsonl");
-    if !prefix.is_empty() && is_input(prefix) && store.head(prefix).await?.is_some() {
-        return Ok(vec![prefix.to_string()]);
-    }
-    let p = if prefix.is_empty() || prefix.ends_with('/') {
-        prefix.to_string()
-    } else {
-        format!("{prefix}/")
-    };
-    let keys: Vec<String> = store
-        .list(&p)
-        .await?
-        .into_iter()
-        .map(|m| m.key)
-        .filter(|k| is_input(k))
-        .collect();
-    Ok(keys)
-}
-
 /// Renders one decoded shard and dedups it: [`render_shard`] then [`admit_all`].
 pub async fn process_shard(
     key: &str,

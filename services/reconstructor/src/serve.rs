@@ -195,7 +195,7 @@ async fn list_all_inputs(
     for uri in &spec.inputs {
         let (root, key) = blob::split_uri(uri);
         let store = blob::open(&root, s3).await?;
-        for k in batch::list_inputs(store.as_ref(), &key).await? {
+        for k in shard::list_inputs(store.as_ref(), &key).await? {
             inputs.push((store.clone(), k));
         }
     }

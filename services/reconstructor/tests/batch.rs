@@ -23,7 +23,7 @@ fn fixtures() -> Vec<PullRequest> {
 }
 
 async fn run_once(store: Arc<dyn BlobStore>) -> batch::BatchReport {
-    let inputs = batch::list_inputs(store.as_ref(), "prs").await.unwrap();
+    let inputs = shard::list_inputs(store.as_ref(), "prs").await.unwrap();
     assert_eq!(inputs.len(), 1);
     let mut r = Reconstructor::new(ReconstructConfig::default(), word_counter()).unwrap();
     batch::run_batch(

@@ -337,15 +337,12 @@ pub fn settings_from_spec(
     base: &RolloutSettings,
     spec: &RolloutSpec,
 ) -> Result<RolloutSettings, Status> {
-    let mut s = base.clone();
-    if !spec.settings_json.is_empty() {
-        let mut v = serde_json::to_value(&s).map_err(|e| Status::internal(e.to_string()))?;
-        let overlay: serde_json::Value = serde_json::from_str(&spec.settings_json)
-            .map_err(|e| Status::invalid_argument(format!("spec.settings_json: {e}")))?;
-        merge(&mut v, overlay);
-        s = serde_path_to_error::deserialize(v)
-            .map_err(|e| Status::invalid_argument(format!("spec.settings_json: {e}")))?;
-    }
+    let mut s = if spec.settings_json.is_empty() {
+        base.clone()
+    } else {
+        davinci_runtime::config::overlay(base, &spec.settings_json, &["sandbox"])
+            .map_err(|e| Status::invalid_argument(format!("spec.settings_json: {e}")))?
+    };
     s.out = spec.out.clone();
     if !spec.policy.is_empty() {
         s.policy = PolicyKind::parse(&spec.policy)
@@ -369,24 +366,6 @@ pub fn settings_from_spec(
     s.validate()
         .map_err(|e| Status::invalid_argument(format!("spec: {e:#}")))?;
     Ok(s)
-}
-
-fn merge(base: &mut serde_json::Value, overlay: serde_json::Value) {
-    match (base, overlay) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
-            for (k, v) in o {
-                match b.get_mut(&k) {
-                    Some(slot) if slot.is_object() && v.is_object() && k != "sandbox" => {
-                        merge(slot, v)
-                    }
-                    _ => {
-                        b.insert(k, v);
-                    }
-                }
-            }
-        }
-        (b, o) => *b = o,
-    }
 }
 
 /// The gRPC service.

@@ -94,20 +94,19 @@ pub async fn run_all(
         .await
 }
 
-/// Turns one PR shard into tasks: selection, then validation; returns the kept tasks (input
-/// order) and the shard's stats.
+/// Turns one PR shard's records into tasks: selection, then validation; returns the kept
+/// tasks (input order) and the shard's stats.
 pub async fn process_shard(
     stage: &Stage,
     mirrors: &Mirrors,
-    key: &str,
-    data: &[u8],
+    records: Vec<Result<PullRequest, String>>,
     out: &dyn BlobStore,
     on_done: &(dyn Fn(&TaskOutcome) + Send + Sync),
 ) -> anyhow::Result<(Vec<TaskInstance>, Stats)> {
     let t = std::time::Instant::now();
     let mut stats = Stats::default();
     let mut items = Vec::new();
-    for r in decode_prs(key, data)? {
+    for r in records {
         stats.prs += 1;
         let pr = match r {
             Ok(pr) => pr,
@@ -143,12 +142,45 @@ pub async fn process_shard(
 }
 
 /// Output keys of one input shard: its tasks shard and its part marker.
-pub fn output_keys(input_key: &str) -> (String, String) {
-    let name = shard::shard_name(format!("{input_key}\0{STAGE_VERSION}").as_bytes());
+pub fn output_keys(input_uri: &str) -> (String, String) {
+    let name = shard::shard_name(format!("{input_uri}\0{STAGE_VERSION}").as_bytes());
     (
         format!("tasks/{}", shard::shard_file_name(&name)),
         format!("tasks/parts/{name}.json"),
     )
+}
+
+/// The stats an earlier run committed for the input shard at `input_uri`, if it finished.
+pub async fn committed_shard(out: &dyn BlobStore, input_uri: &str) -> Option<Stats> {
+    let b = out.get(&output_keys(input_uri).1).await.ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+/// Builds the tasks of the input shard at `input_uri` and commits them: its logs and tasks
+/// shard, then its part marker. Every caller (the CLI, the service's workers) writes the same
+/// objects for the same shard.
+pub async fn build_shard(
+    stage: &Stage,
+    mirrors: &Mirrors,
+    input_uri: &str,
+    records: Vec<Result<PullRequest, String>>,
+    out: &dyn BlobStore,
+    on_done: &(dyn Fn(&TaskOutcome) + Send + Sync),
+) -> anyhow::Result<Stats> {
+    let (tasks_key, part_key) = output_keys(input_uri);
+    let (tasks, stats) = process_shard(stage, mirrors, records, out, on_done).await?;
+    out.put(&tasks_key, shard::encode_shard(&tasks)?.data)
+        .await?;
+    out.put(&part_key, Bytes::from(serde_json::to_vec(&stats)?))
+        .await?;
+    Ok(stats)
+}
+
+/// Writes the job's stats, `stats/tasks.json`, the commit point; returns its URI.
+pub async fn commit_stats(out: &dyn BlobStore, stats: &Stats) -> anyhow::Result<String> {
+    let body = serde_json::to_vec_pretty(stats)?;
+    out.put("stats/tasks.json", Bytes::from(body)).await?;
+    Ok(out.uri("stats/tasks.json"))
 }
 
 /// What a batch did.
@@ -173,28 +205,21 @@ pub async fn run_batch(
     let mut written = Vec::new();
     let mut reused = 0;
     for (store, key) in inputs {
-        let (tasks_key, part_key) = output_keys(&store.uri(key));
-        if let Ok(b) = out.get(&part_key).await
-            && let Ok(s) = serde_json::from_slice::<Stats>(&b)
-        {
-            total.merge(&s);
-            written.push(out.uri(&tasks_key));
-            reused += 1;
-            continue;
-        }
-        let data = store.get(key).await?;
-        let (tasks, stats) =
-            process_shard(stage, mirrors, key, &data, out.as_ref(), on_done).await?;
-        let enc = shard::encode_shard(&tasks)?;
-        out.put(&tasks_key, enc.data).await?;
-        out.put(&part_key, Bytes::from(serde_json::to_vec(&stats)?))
-            .await?;
-        written.push(out.uri(&tasks_key));
+        let uri = store.uri(key);
+        let stats = match committed_shard(out.as_ref(), &uri).await {
+            Some(s) => {
+                reused += 1;
+                s
+            }
+            None => {
+                let records = decode_prs(key, &store.get(key).await?)?;
+                build_shard(stage, mirrors, &uri, records, out.as_ref(), on_done).await?
+            }
+        };
+        written.push(out.uri(&output_keys(&uri).0));
         total.merge(&stats);
     }
-    let body = serde_json::to_vec_pretty(&total)?;
-    out.put("stats/tasks.json", Bytes::from(body)).await?;
-    written.push(out.uri("stats/tasks.json"));
+    written.push(commit_stats(out.as_ref(), &total).await?);
     Ok(BatchReport {
         stats: total,
         written,

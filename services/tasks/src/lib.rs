@@ -10,11 +10,14 @@
 //! - [`validate`]: before/after runs, flaky tests, evidence the suite ran, the gold check.
 //! - [`stage`]: one task through all of that; the stage's config and stats.
 //! - [`batch`]: a batch over PR shards (`davinci tasks build`), resumable per shard.
+//! - [`serve`]: the `Tasks` gRPC service: one claim per PR shard (or published-set chunk)
+//!   shared by every replica through the work queue.
 pub mod batch;
 pub mod envs;
 pub mod recipe;
 pub mod repo;
 pub mod select;
+pub mod serve;
 pub mod stage;
 pub mod validate;
 

@@ -274,6 +274,9 @@ pub struct Stats {
     /// Seconds of validation per validated task, in input order.
     pub validation_seconds: Vec<f64>,
     pub seconds: f64,
+    /// Input shards that used up their attempts in the service (dead-lettered), with the error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_shards: Vec<String>,
 }
 
 impl Stats {
@@ -318,6 +321,7 @@ impl Stats {
         self.validation_seconds
             .extend(o.validation_seconds.iter().copied());
         self.seconds += o.seconds;
+        self.failed_shards.extend(o.failed_shards.iter().cloned());
     }
 
     /// Median seconds of validation per task.
