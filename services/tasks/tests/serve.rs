@@ -375,3 +375,72 @@ async fn bad_specs_are_refused_by_field() {
     let m = refuse("", &[], &[]).await;
     assert_eq!(m, "spec.inputs: empty");
 }
+
+/// A published set (one SWE-bench row, lists as JSON strings, made from the fixture's PR #1) is
+/// cut into chunks, validated by execution, and written as `tasks/{set}-{chunk}.jsonl.zst`
+/// with the lists recomputed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_published_set_is_revalidated_chunk_by_chunk() {
+    if !common::bwrap_usable("the tasks service") {
+        return;
+    }
+    let f = fixture();
+    let cfg = common::config(&f.wheels, 2);
+    let mirror = davinci_tasks::repo::Mirror::open(&f.repo).unwrap();
+    let t = davinci_tasks::select::candidate(&f.records[0], &mirror, &cfg.select)
+        .unwrap()
+        .unwrap();
+    let row = serde_json::json!({
+        "instance_id": t.instance_id, "repo": t.repo, "base_commit": t.base_commit,
+        "patch": t.patch, "test_patch": t.test_patch,
+        "problem_statement": t.problem_statement, "hints_text": "", "version": "0.1",
+        "created_at": "2024-01-01T00:00:00Z", "environment_setup_commit": t.base_commit,
+        "FAIL_TO_PASS": "[\"test_add (tests.test_core.CoreTests.test_add)\"]",
+        "PASS_TO_PASS": "[]",
+    });
+    let root = format!("file://{}/data", f.tmp.path().display());
+    let s3 = S3Config::default();
+    let store = blob::open(&root, &s3).await.unwrap();
+    store
+        .put("sets/tiny.jsonl", format!("{row}\n").into())
+        .await
+        .unwrap();
+    let queue: Arc<dyn WorkQueue> = Arc::new(MemoryQueue::new(QueueOptions::default()));
+    let stop = CancellationToken::new();
+    let workers = spawn_workers(&queue, &s3, &f, 1, &stop);
+    let svc = TasksService::new(
+        JobRegistry::in_memory().await,
+        TasksConfig::default(),
+        None,
+        dirs(&f, "coordinator"),
+        s3.clone(),
+    )
+    .with_queue(queue.clone());
+    let mut sp = spec(
+        &f,
+        &format!("{root}/sets/tiny.jsonl"),
+        &format!("{root}/out"),
+        &cfg,
+    );
+    sp.set_format = "swe-bench".into();
+    let job = finish(&svc, start(&svc, sp).await).await;
+    assert_eq!((job.done, job.total), (1, 1), "{job:?}");
+    assert_eq!(job.counters["kept"], 1, "{job:?}");
+    let out = blob::open(&format!("{root}/out"), &s3).await.unwrap();
+    let tasks: Vec<davinci_core::task::TaskInstance> = davinci_runtime::shard::decode_jsonl_zst(
+        &out.get("tasks/tiny-00000.jsonl.zst").await.unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(
+        tasks[0].fail_to_pass,
+        ["test_add (tests.test_core.CoreTests.test_add)"]
+    );
+    assert_eq!(
+        tasks[0].pass_to_pass,
+        ["test_mul (tests.test_core.CoreTests.test_mul)"],
+        "recomputed, not the published list"
+    );
+    assert!(out.get("stats/tasks.json").await.is_ok());
+    assert_eq!(stop_workers(stop, workers).await, 1);
+}
