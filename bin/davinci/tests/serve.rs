@@ -130,7 +130,7 @@ async fn serve_all_answers_health_metrics_and_job_rpcs() {
         String::from_utf8_lossy(&out.stdout)
             .matches("SERVING")
             .count(),
-        7
+        8
     );
 
     // SIGTERM: the server drains and exits cleanly.
