@@ -304,20 +304,15 @@ async fn validate(a: ValidateArgs) -> anyhow::Result<()> {
         stats.candidates += 1;
         stats.record(o);
         batch::write_logs(out.as_ref(), o).await?;
-        if o.validation.verdict == Verdict::Infra("env_build_failed".into()) {
+        let Some(same) = o.validation.reproduces(published) else {
             continue;
-        }
-        if matches!(o.validation.verdict, Verdict::Infra(_)) {
-            continue;
-        }
+        };
         compared += 1;
         let sorted = |v: &[String]| {
             let mut v = v.to_vec();
             v.sort();
             v
         };
-        let same = sorted(&published.fail_to_pass) == sorted(&o.validation.fail_to_pass)
-            && sorted(&published.pass_to_pass) == sorted(&o.validation.pass_to_pass);
         if same {
             agree += 1;
         } else {

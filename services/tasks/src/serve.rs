@@ -284,19 +284,20 @@ async fn handle_claim(c: &Claimed, j: &JobCtx, s3: &S3Config) -> anyhow::Result<
         .permanent()?;
     let t = std::time::Instant::now();
     let items = rows
-        .into_iter()
-        .map(|r| {
-            let m = j.mirrors.find(&r.repo);
-            (r, m)
-        })
+        .iter()
+        .map(|r| (r.clone(), j.mirrors.find(&r.repo)))
         .collect();
     let outcomes = batch::run_all(&j.stage, items, &|_| {}).await;
     let mut stats = Stats::default();
     let mut tasks = Vec::new();
-    for o in &outcomes {
+    for (published, o) in rows.iter().zip(&outcomes) {
         stats.prs += 1;
         stats.candidates += 1;
         stats.record(o);
+        if let Some(same) = o.validation.reproduces(published) {
+            stats.published_compared += 1;
+            stats.published_agree += u64::from(same);
+        }
         batch::write_logs(out, o).await?;
         tasks.extend(o.task.clone());
     }
@@ -512,6 +513,12 @@ async fn run_job(
     handle
         .count("failed_shards", stats.failed_shards.len() as u64)
         .await;
+    if stats.published_compared > 0 {
+        handle
+            .count("published_compared", stats.published_compared)
+            .await;
+        handle.count("published_agree", stats.published_agree).await;
+    }
     Ok(written)
 }
 

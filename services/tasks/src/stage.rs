@@ -277,6 +277,16 @@ pub struct Stats {
     /// Input shards that used up their attempts in the service (dead-lettered), with the error.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_shards: Vec<String>,
+    /// Published tasks (sets) whose validation ran, and those whose published lists it
+    /// reproduced.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub published_compared: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub published_agree: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Stats {
@@ -322,6 +332,8 @@ impl Stats {
             .extend(o.validation_seconds.iter().copied());
         self.seconds += o.seconds;
         self.failed_shards.extend(o.failed_shards.iter().cloned());
+        self.published_compared += o.published_compared;
+        self.published_agree += o.published_agree;
     }
 
     /// Median seconds of validation per task.

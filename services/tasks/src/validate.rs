@@ -66,6 +66,21 @@ pub struct Validation {
     pub logs: Vec<(String, String)>,
 }
 
+impl Validation {
+    /// Whether this validation reproduces a published task's lists (order aside); `None` when
+    /// an infrastructure failure left nothing to compare.
+    pub fn reproduces(&self, published: &TaskInstance) -> Option<bool> {
+        if matches!(self.verdict, Verdict::Infra(_)) {
+            return None;
+        }
+        let set = |v: &[String]| v.iter().cloned().collect::<BTreeSet<_>>();
+        Some(
+            set(&published.fail_to_pass) == set(&self.fail_to_pass)
+                && set(&published.pass_to_pass) == set(&self.pass_to_pass),
+        )
+    }
+}
+
 fn passing(s: &str) -> bool {
     s == PASSED || s == XFAIL
 }

@@ -426,6 +426,9 @@ async fn a_published_set_is_revalidated_chunk_by_chunk() {
     let job = finish(&svc, start(&svc, sp).await).await;
     assert_eq!((job.done, job.total), (1, 1), "{job:?}");
     assert_eq!(job.counters["kept"], 1, "{job:?}");
+    // Compared with the published lists: PASS_TO_PASS misses test_mul.
+    assert_eq!(job.counters["published_compared"], 1, "{job:?}");
+    assert_eq!(job.counters["published_agree"], 0, "{job:?}");
     let out = blob::open(&format!("{root}/out"), &s3).await.unwrap();
     let tasks: Vec<davinci_core::task::TaskInstance> = davinci_runtime::shard::decode_jsonl_zst(
         &out.get("tasks/tiny-00000.jsonl.zst").await.unwrap(),
