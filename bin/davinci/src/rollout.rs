@@ -62,6 +62,10 @@ pub struct Args {
     /// Model turns per run.
     #[arg(long)]
     pub max_steps: Option<u32>,
+    /// The policy's tokenizer.json (path or Hub model id): counts the context and each
+    /// trajectory's tokens with the Qwen2.5 chat template; without it, the server's usage.
+    #[arg(long, value_name = "FILE|ID")]
+    pub tokenizer: Option<String>,
 }
 
 fn load_settings(path: &std::path::Path) -> anyhow::Result<RolloutSettings> {
@@ -97,6 +101,9 @@ pub fn settings(args: &Args) -> anyhow::Result<RolloutSettings> {
     }
     if let Some(n) = args.max_steps {
         s.agent.max_steps = n;
+    }
+    if args.tokenizer.is_some() {
+        s.tokenizer = args.tokenizer.clone();
     }
     s.rollouts_per_task = args.rollouts;
     if let Some(r) = &args.repos {

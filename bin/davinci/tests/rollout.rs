@@ -75,7 +75,8 @@ fn rollouts_resume_after_sigkill_and_pack_with_assistant_masks() {
             .arg(out)
             .arg("--repos")
             .arg(&repos)
-            .args(["--policy", policy, "--rollouts", "2", "--workers", "1"]);
+            .args(["--policy", policy, "--rollouts", "2", "--workers", "1"])
+            .args(["--tokenizer", TOK]);
         c
     };
 
@@ -89,6 +90,17 @@ fn rollouts_resume_after_sigkill_and_pack_with_assistant_masks() {
     let stats: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.join("stats/rollout.json")).unwrap()).unwrap();
     assert_eq!(stats["exit_status"]["submitted"], 6);
+    // With --tokenizer, n_tokens is the whole conversation as the Qwen2.5 template renders it.
+    let tok = davinci_tokenize::Tokenizer::from_file(TOK).unwrap();
+    let mut total = 0;
+    for t in &pass {
+        let text = davinci_tokenize::chat::render_qwen25(t).unwrap().text();
+        let want = tok.encode(&text).unwrap().len() as u64;
+        assert!(want > 100, "{text}");
+        assert_eq!(t.n_tokens, Some(want), "{}", t.id);
+        total += want;
+    }
+    assert_eq!(stats["tokens"], total);
 
     // Killed once two rollouts are finished, then run again.
     let b = dir.path().join("b");

@@ -72,6 +72,10 @@ pub struct RolloutSettings {
     pub setup_network: bool,
     /// Tries of one rollout that failed for infrastructure reasons before the task is failed.
     pub infra_attempts: u32,
+    /// The policy's `tokenizer.json` (a path or a Hub model id): the context limit and each
+    /// trajectory's `n_tokens` count the conversation as the Qwen2.5 chat template renders it.
+    /// Unset: the server's `usage` (which the replay and null policies have none of).
+    pub tokenizer: Option<String>,
 }
 
 impl Default for RolloutSettings {
@@ -91,6 +95,7 @@ impl Default for RolloutSettings {
             test_timeout_secs: 1800,
             setup_network: false,
             infra_attempts: 3,
+            tokenizer: None,
         }
     }
 }
@@ -197,8 +202,19 @@ impl Roller {
                 });
             }
         }
+        let mut agent = Agent::new(Arc::new(harness), settings.agent.clone());
+        if let Some(name) = &settings.tokenizer {
+            let tok = davinci_tokenize::Tokenizer::load(name)
+                .map_err(|e| anyhow::anyhow!("tokenizer `{name}`: {e}"))?;
+            agent = agent.with_counter(Arc::new(move |msgs, tools| {
+                davinci_tokenize::chat::render_qwen25_messages(tools, msgs, false)
+                    .ok()
+                    .and_then(|r| tok.encode(&r.text()).ok())
+                    .map_or(0, |ids| ids.len() as u64)
+            }));
+        }
         Ok(Roller {
-            agent: Agent::new(Arc::new(harness), settings.agent.clone()),
+            agent,
             settings,
             clients,
         })
