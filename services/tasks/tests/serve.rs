@@ -378,7 +378,8 @@ async fn bad_specs_are_refused_by_field() {
 
 /// A published set (one SWE-bench row, lists as JSON strings, made from the fixture's PR #1) is
 /// cut into chunks, validated by execution, and written as `tasks/{set}-{chunk}.jsonl.zst`
-/// with the lists recomputed.
+/// with the lists recomputed and compared with the published ones; a job without a run id
+/// runs on the service's own in-process workers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_published_set_is_revalidated_chunk_by_chunk() {
     if !common::bwrap_usable("the tasks service") {
@@ -405,17 +406,14 @@ async fn a_published_set_is_revalidated_chunk_by_chunk() {
         .put("sets/tiny.jsonl", format!("{row}\n").into())
         .await
         .unwrap();
-    let queue: Arc<dyn WorkQueue> = Arc::new(MemoryQueue::new(QueueOptions::default()));
-    let stop = CancellationToken::new();
-    let workers = spawn_workers(&queue, &s3, &f, 1, &stop);
+    // No run id and no queue: a one-off job on the service's own in-process workers.
     let svc = TasksService::new(
         JobRegistry::in_memory().await,
         TasksConfig::default(),
         None,
-        dirs(&f, "coordinator"),
+        dirs(&f, "embedded"),
         s3.clone(),
-    )
-    .with_queue(queue.clone());
+    );
     let mut sp = spec(
         &f,
         &format!("{root}/sets/tiny.jsonl"),
@@ -423,7 +421,15 @@ async fn a_published_set_is_revalidated_chunk_by_chunk() {
         &cfg,
     );
     sp.set_format = "swe-bench".into();
-    let job = finish(&svc, start(&svc, sp).await).await;
+    let job = svc
+        .start_tasks(Request::new(StartTasksRequest {
+            run_id: String::new(),
+            spec: Some(sp),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let job = finish(&svc, job).await;
     assert_eq!((job.done, job.total), (1, 1), "{job:?}");
     assert_eq!(job.counters["kept"], 1, "{job:?}");
     // Compared with the published lists: PASS_TO_PASS misses test_mul.
@@ -445,5 +451,4 @@ async fn a_published_set_is_revalidated_chunk_by_chunk() {
         "recomputed, not the published list"
     );
     assert!(out.get("stats/tasks.json").await.is_ok());
-    assert_eq!(stop_workers(stop, workers).await, 1);
 }
