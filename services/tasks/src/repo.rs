@@ -82,8 +82,8 @@ impl Mirror {
         (!t.is_empty()).then_some(t)
     }
 
-    /// Writes the tree of `sha` into `dest` (created; no `.git`), through a private index so
-    /// the mirror itself is never touched.
+    /// Writes the tree of `sha` into `dest` (created; no `.git`), through a private index and
+    /// `dest` as the work tree, so the mirror itself is never touched and a bare mirror works.
     pub fn export(&self, sha: &str, dest: &Path) -> anyhow::Result<()> {
         anyhow::ensure!(is_sha(sha), "not a commit id: {sha}");
         std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
@@ -92,6 +92,8 @@ impl Mirror {
             let out = Command::new("git")
                 .arg("-C")
                 .arg(&self.dir)
+                .arg("--work-tree")
+                .arg(dest)
                 .env("GIT_INDEX_FILE", index.path())
                 .args(args)
                 .output()
@@ -105,8 +107,7 @@ impl Mirror {
             Ok(())
         };
         run(&["read-tree", sha])?;
-        let prefix = format!("{}/", dest.display());
-        run(&["checkout-index", "-a", "-f", &format!("--prefix={prefix}")])?;
+        run(&["checkout-index", "-a", "-f"])?;
         Ok(())
     }
 }
@@ -135,5 +136,45 @@ mod tests {
         assert_eq!(version_of_tag("7").as_deref(), Some("7"));
         assert_eq!(version_of_tag("latest"), None);
         assert!(is_sha("0123abc") && !is_sha("--output=x") && !is_sha("HEAD"));
+    }
+
+    /// Mirrors are usually bare (`git clone --mirror`): exporting a tree needs no work tree of
+    /// theirs, and leaves the source untouched in both kinds.
+    #[test]
+    fn exports_from_bare_mirrors_and_clones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("pkg")).unwrap();
+        std::fs::write(src.join("pkg/a.py"), "x = 1\n").unwrap();
+        let git = |dir: &Path, args: &[&str]| {
+            let out = Command::new("git")
+                .arg("-C")
+                .arg(dir)
+                .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        git(&src, &["init", "-q"]);
+        git(&src, &["add", "."]);
+        git(&src, &["commit", "-q", "-m", "one"]);
+        let sha = git(&src, &["rev-parse", "HEAD"]).trim().to_string();
+        let bare = tmp.path().join("bare.git");
+        git(
+            tmp.path(),
+            &["clone", "-q", "--bare", src.to_str().unwrap(), "bare.git"],
+        );
+        for (i, dir) in [&bare, &src].into_iter().enumerate() {
+            let dest = tmp.path().join(format!("out{i}"));
+            Mirror::open(dir).unwrap().export(&sha, &dest).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(dest.join("pkg/a.py")).unwrap(),
+                "x = 1\n"
+            );
+            assert!(!dest.join(".git").exists());
+        }
+        assert_eq!(git(&src, &["status", "--porcelain"]), "");
     }
 }
