@@ -79,5 +79,6 @@ fmt:
 bench: test-deps ## run the benchmarks recorded in BENCHMARKS.md
 	$(CARGO) bench --workspace
 
-run: deps ## run the pipeline on the embedded default (REPO=<path|url> to choose the repository)
-	$(CARGO) run -p davinci-cli -- run deploy/examples/quickstart.yaml $(if $(REPO),--repo $(REPO))
+SPEC ?= deploy/examples/quickstart.yaml
+run: deps ## run a pipeline on the embedded default (SPEC=<spec>, default the quickstart; REPO=<path|url> to choose the repository)
+	$(CARGO) run -p davinci-cli -- run $(SPEC) $(if $(REPO),--repo $(REPO))

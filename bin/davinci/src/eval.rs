@@ -451,7 +451,7 @@ async fn humaneval_cmd(a: HumanevalArgs) -> anyhow::Result<()> {
     if let Some((dir, prov)) = generated {
         let scores = serde_json::json!({"base": report.base, "plus": report.plus,
             "problems": report.problems, "samples": report.samples});
-        let path = crate::eval_model::write_report(&dir, &prov, scores)?;
+        let path = davinci_evaluator::drive::write_report(&dir, &prov, scores)?;
         println!("report -> {}", path.display());
     }
     Ok(())

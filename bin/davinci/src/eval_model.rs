@@ -6,7 +6,6 @@ use anyhow::Context;
 use davinci_evaluator::drive::client::{Endpoint, Sampling};
 use davinci_evaluator::drive::{self, Provenance, gpqa, humaneval, scibench};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -110,20 +109,6 @@ fn bar(len: u64, what: &str) -> ProgressBar {
         .expect("valid template"),
     );
     pb
-}
-
-/// Writes `report.json`: the scores and how they were measured.
-pub fn write_report(
-    dir: &Path,
-    provenance: &Provenance,
-    scores: serde_json::Value,
-) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("report.json");
-    let v = json!({"scores": scores, "provenance": provenance});
-    std::fs::write(&path, serde_json::to_string_pretty(&v)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -235,14 +220,10 @@ pub async fn gpqa_cmd(a: GpqaArgs) -> anyhow::Result<()> {
         GpqaMode::Generative => gpqa::Mode::Generative,
     };
     let sampling = a.endpoint.sampling(1024, 1);
-    let template = match mode {
-        gpqa::Mode::Loglikelihood => gpqa::TEMPLATE.to_string(),
-        gpqa::Mode::Generative => format!("{}{}", gpqa::TEMPLATE, gpqa::GENERATIVE_SUFFIX),
-    };
     let prov = Provenance::new(
         "gpqa",
         &ep,
-        &template,
+        &gpqa::template(mode),
         &sampling,
         data_sha,
         Some(a.endpoint.seed),
@@ -254,17 +235,12 @@ pub async fn gpqa_cmd(a: GpqaArgs) -> anyhow::Result<()> {
     })
     .await?;
     pb.finish_and_clear();
-    let correct = results.iter().filter(|r| r.correct).count();
-    let unparsed = results.iter().filter(|r| r.pred.is_none()).count();
-    let accuracy = correct as f64 / results.len().max(1) as f64;
+    let scores = gpqa::scores(&results, mode);
     let dir = a.endpoint.out("gpqa");
     drive::write_jsonl(&dir.join("results.jsonl"), &results)?;
-    let report = write_report(
-        &dir,
-        &prov,
-        json!({"mode": format!("{mode:?}").to_lowercase(), "questions": results.len(),
-               "correct": correct, "unparsed": unparsed, "accuracy": accuracy}),
-    )?;
+    let report = drive::write_report(&dir, &prov, scores.clone())?;
+    let (correct, unparsed) = (&scores["correct"], &scores["unparsed"]);
+    let accuracy = scores["accuracy"].as_f64().unwrap_or(0.0);
     println!(
         "GPQA ({:?}): {correct}/{} correct = {:.2}% ({unparsed} without a readable letter) -> {}",
         mode,
@@ -317,19 +293,16 @@ pub async fn scibench_cmd(a: ScibenchArgs) -> anyhow::Result<()> {
     })
     .await?;
     pb.finish_and_clear();
-    let correct = results.iter().filter(|r| r.correct).count();
-    let unreadable_reference = results.iter().filter(|r| r.reference.is_none()).count();
-    let no_number = results.iter().filter(|r| r.extracted.is_none()).count();
-    let accuracy = correct as f64 / results.len().max(1) as f64;
+    let scores = scibench::scores(&results);
     let dir = a.endpoint.out("scibench");
     drive::write_jsonl(&dir.join("results.jsonl"), &results)?;
-    let report = write_report(
-        &dir,
-        &prov,
-        json!({"problems": results.len(), "correct": correct, "accuracy": accuracy,
-               "no_number_in_answer": no_number, "unreadable_reference": unreadable_reference,
-               "rel_tol": scibench::REL_TOL}),
-    )?;
+    let report = drive::write_report(&dir, &prov, scores.clone())?;
+    let (correct, no_number, unreadable_reference) = (
+        &scores["correct"],
+        &scores["no_number_in_answer"],
+        &scores["unreadable_reference"],
+    );
+    let accuracy = scores["accuracy"].as_f64().unwrap_or(0.0);
     println!(
         "SciBench: {correct}/{} correct = {:.2}% ({no_number} answers without a number, {unreadable_reference} references upstream cannot read) -> {}",
         results.len(),

@@ -1,6 +1,7 @@
 //! `davinci`: one binary for the embedded pipeline, every server target and the gRPC clients.
 use clap::{Parser, Subcommand};
 
+mod checkpoint;
 mod crawl;
 mod eval;
 mod eval_model;

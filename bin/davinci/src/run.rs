@@ -5,7 +5,7 @@
 //! and a distributed one write the same samples and shards.
 use crate::progress::StageBars;
 use crate::runspec::{self, Overrides};
-use davinci_conductor::orchestrate::{StageAddrs, StageClients, execute};
+use davinci_conductor::orchestrate::{StageAddrs, StageClients, execute, stages};
 use davinci_conductor::summary::RunSummary;
 use davinci_proto::v1::StageStatus;
 use davinci_runtime::blob;
@@ -116,7 +116,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             davinci_trainer::serve::TrainerService::new(jobs.clone())
                 .with_s3(s3.clone())
                 .into_server(),
-        );
+        )
+        .add_service(davinci_proto::v1::evaluator_server::EvaluatorServer::new(
+            davinci_evaluator::serve::EvaluatorService::new(jobs.clone(), Default::default()),
+        ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let opts = ServeOptions {
         request_timeout: std::time::Duration::from_secs(3600),
@@ -136,9 +139,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         crawler: addr.clone(),
         reconstructor: addr.clone(),
         tokenizer_packer: addr.clone(),
-        trainer: addr,
+        trainer: addr.clone(),
+        evaluator: addr,
     };
-    let mut clients = StageClients::connect(&addrs, None).await?;
+    let mut clients = StageClients::connect(&addrs, None, &stages(&spec))
+        .await?
+        .with_checkpoint_server(std::sync::Arc::new(crate::checkpoint::InProcess));
 
     eprintln!(
         "davinci run {run_id}: {} repositories → {root}/runs/{run_id}/",
@@ -185,6 +191,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &warnings,
     );
     Ok(())
+}
+
+/// A benchmark's scores on one line: `pass@1 0.0000`, `accuracy 0.2500 (1/4)`, ….
+fn scores_line(v: &Value) -> String {
+    let mut parts = Vec::new();
+    for (name, kind) in [("base", "humaneval"), ("plus", "humaneval+")] {
+        for (k, x) in v[name].as_object().into_iter().flatten() {
+            parts.push(format!("{kind} {k} {:.4}", x.as_f64().unwrap_or(0.0)));
+        }
+    }
+    if let Some(a) = v["accuracy"].as_f64() {
+        let of = v["questions"]
+            .as_u64()
+            .or(v["problems"].as_u64())
+            .unwrap_or(0);
+        parts.push(format!("accuracy {a:.4} ({}/{of})", v["correct"]));
+    }
+    if parts.is_empty() {
+        v.to_string()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn drops(v: &Value) -> String {
@@ -256,14 +284,22 @@ pub fn print_summary(
             root.trim_end_matches('/')
         );
     }
+    for (bench, scores) in &summary.evaluation {
+        println!("evaluated {bench}: {}", scores_line(scores));
+    }
     let times: Vec<String> = stages
         .iter()
         .map(|s| format!("{} {:.1}s", s.stage, s.wall_seconds))
         .collect();
     println!("wall time per stage: {}", times.join(", "));
     println!(
-        "outputs: {}/runs/{run}/ (prs/, samples/, packed/, stats/)",
-        root.trim_end_matches('/')
+        "outputs: {}/runs/{run}/ (prs/, samples/, packed/, stats/{})",
+        root.trim_end_matches('/'),
+        if summary.evaluation.is_empty() {
+            ""
+        } else {
+            ", eval/"
+        }
     );
     for w in warnings {
         println!("warning: {w}");

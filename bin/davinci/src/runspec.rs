@@ -96,6 +96,31 @@ fn resolve_local_paths(spec: &mut RunSpec, cwd: &Path) -> anyhow::Result<Vec<Str
             *f = abs(f).display().to_string();
         }
     }
+    for (i, b) in spec
+        .evaluation
+        .iter_mut()
+        .flat_map(|e| e.benchmarks.iter_mut())
+        .enumerate()
+    {
+        let local = b
+            .data
+            .strip_prefix("file://")
+            .unwrap_or(&b.data)
+            .to_string();
+        anyhow::ensure!(
+            !local.contains("://"),
+            "invalid run spec at `evaluation.benchmarks[{i}].data`: `{}` is not a local path (the evaluator reads local files)",
+            b.data
+        );
+        let p = abs(&local);
+        anyhow::ensure!(
+            p.exists(),
+            "invalid run spec at `evaluation.benchmarks[{i}].data`: {} does not exist (relative paths are read from {})",
+            p.display(),
+            cwd.display()
+        );
+        b.data = p.display().to_string();
+    }
     let mut warnings = Vec::new();
     for (i, r) in spec.sources.repos.iter_mut().enumerate() {
         if r.path.starts_with("file://") {

@@ -65,6 +65,10 @@ pub struct InferenceArgs {
     /// Context limit in tokens (default: the model's max_position_embeddings).
     #[arg(long)]
     pub max_model_len: Option<usize>,
+    /// tokenizer.json for a checkpoint without one (ours trained from a config.json: the
+    /// run's tokenizer); default: DIR/tokenizer.json.
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// Loads the checkpoint (failing before anything listens) and returns the server to run.
@@ -83,6 +87,7 @@ async fn inference_server(
         name: a.served_model_name.clone(),
         max_batch: a.max_batch,
         max_model_len: a.max_model_len,
+        tokenizer: a.tokenizer.clone(),
     };
     let state = tokio::task::spawn_blocking(move || davinci_inference::load(&cfg)).await??;
     let listener = tokio::net::TcpListener::bind(&a.http_listen)
@@ -201,6 +206,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         reconstructor: pick(&svc.reconstructor),
                         tokenizer_packer: pick(&svc.tokenizer_packer),
                         trainer: pick(&svc.trainer),
+                        evaluator: pick(&svc.evaluator),
                     },
                     token: opts.auth_token.clone(),
                     // made absolute when the settings were loaded
@@ -208,7 +214,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     s3: ctx.settings.storage.s3.clone(),
                 };
                 routes.add_service(
-                    davinci_conductor::serve::ConductorService::new(jobs, cfg).into_server(),
+                    davinci_conductor::serve::ConductorService::new(jobs, cfg)
+                        .with_checkpoint_server(std::sync::Arc::new(crate::checkpoint::InProcess))
+                        .into_server(),
                 )
             }
             Target::Rollout => {

@@ -239,6 +239,185 @@ fn embedded_run_trains_after_packing() {
     );
 }
 
+/// The GPQA loglikelihoods of a run's `eval/gpqa/results.jsonl`, row by row.
+fn gpqa_loglikelihoods(run: &Path) -> Vec<Vec<f64>> {
+    std::fs::read_to_string(run.join("eval/gpqa/results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["loglikelihoods"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+fn report(run: &Path, bench: &str) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(run.join(format!("eval/{bench}/report.json"))).unwrap(),
+    )
+    .unwrap()
+}
+
+/// The loop: crawl → reconstruct → pack → train → evaluate, the final checkpoint served in the
+/// process for the stage, HumanEval graded in the sandbox and GPQA scored by loglikelihood.
+/// Then the same checkpoint behind `davinci serve --target inference`, named by
+/// `evaluation.model_url` in a spec without training, gives the same loglikelihoods.
+#[test]
+fn embedded_run_trains_then_evaluates_the_checkpoint() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let fixtures = root.join("services/evaluator/tests/fixtures");
+    let repo = tempfile::tempdir().unwrap();
+    fixture_repo(repo.path());
+    let data = tempfile::tempdir().unwrap();
+    let model = data.path().join("tiny.json");
+    std::fs::write(
+        &model,
+        r#"{"vocab_size": 1536, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": true, "max_position_embeddings": 4096}"#,
+    )
+    .unwrap();
+    let evaluation = |head: &str| {
+        format!(
+            "evaluation:\n{head}  benchmarks:\n    - {{name: humaneval, data: {}}}\n    - {{name: gpqa, data: {}}}\n  sampling: {{max_tokens: 16}}\n  concurrency: 1\n",
+            fixtures.join("humaneval/HumanEvalFixture.jsonl").display(),
+            fixtures.join("gpqa/gpqa_format.csv").display()
+        )
+    };
+    let training = format!(
+        "training:\n  model: {}\n  global_batch: 1\n  checkpoint_every: 1\n  stages:\n    - {{name: stage1, lr: 1.0e-3, epochs: 2}}\n",
+        model.display()
+    );
+    let store = data.path().join("store");
+    let spec_file = data.path().join("run.yaml");
+    let base = spec(repo.path(), &format!("file://{}", store.display()));
+    std::fs::write(&spec_file, format!("{base}{training}{}", evaluation(""))).unwrap();
+    let t = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_davinci"))
+        .arg("run")
+        .arg(&spec_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("loop run: {:.1}s\n{stdout}", t.elapsed().as_secs_f64());
+    assert!(stdout.contains("trained: 2 steps"), "{stdout}");
+    assert!(
+        stdout.contains("evaluated humaneval: humaneval pass@1 "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("evaluated gpqa: accuracy "), "{stdout}");
+    let run = store.join("runs/fixture");
+    // HumanEval: the checkpoint wrote one sample per problem; each was graded.
+    let he = report(&run, "humaneval");
+    assert_eq!(he["scores"]["problems"], 3);
+    assert_eq!(he["scores"]["samples"], 3);
+    let pass1 = he["scores"]["base"]["pass@1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&pass1));
+    let prov = &he["provenance"];
+    assert_eq!(
+        prov["model"], "checkpoint-2",
+        "the final checkpoint is evaluated"
+    );
+    assert!(
+        prov["endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:"),
+        "{prov}"
+    );
+    assert_eq!(prov["sampling"]["max_tokens"], 16);
+    assert_eq!(prov["seed"], 1234);
+    let samples = std::fs::read_to_string(run.join("eval/humaneval/samples.jsonl")).unwrap();
+    assert_eq!(samples.lines().count(), 3);
+    let results = std::fs::read_to_string(run.join("eval/humaneval/results.jsonl")).unwrap();
+    assert_eq!(results.lines().count(), 3);
+    // GPQA: four finite loglikelihoods per question, one letter chosen for each.
+    let g = report(&run, "gpqa");
+    assert_eq!(g["scores"]["mode"], "loglikelihood");
+    assert_eq!(g["scores"]["unparsed"], 0);
+    let lls = gpqa_loglikelihoods(&run);
+    assert_eq!(lls.len() as u64, g["scores"]["questions"].as_u64().unwrap());
+    assert!(
+        lls.iter()
+            .all(|q| q.len() == 4 && q.iter().all(|x| x.is_finite() && *x < 0.0)),
+        "{lls:?}"
+    );
+
+    // The same checkpoint behind the inference target, named by model_url.
+    let port = davinci_testkit::free_port().unwrap();
+    let log = data.path().join("inference.log");
+    let tok = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../crates/tokenize/tests/fixtures/tiny-qwen-shape.json"
+    );
+    let mut server = Proc {
+        child: Command::new(env!("CARGO_BIN_EXE_davinci"))
+            .args(["serve", "--target", "inference", "--model"])
+            .arg(run.join("checkpoints/2"))
+            .args(["--tokenizer", tok, "--served-model-name", "tiny"])
+            .args(["--http-listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            server.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "the inference server did not listen: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let remote = evaluation(&format!(
+        "  model_url: http://127.0.0.1:{port}/v1\n  model: tiny\n"
+    ));
+    let spec2 = data.path().join("remote.yaml");
+    std::fs::write(
+        &spec2,
+        format!(
+            "{}{remote}",
+            base.replace("run_id: fixture", "run_id: remote")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_davinci"))
+        .arg("run")
+        .arg(&spec2)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("trained:"), "{stdout}");
+    let remote_run = store.join("runs/remote");
+    assert_eq!(report(&remote_run, "gpqa")["provenance"]["model"], "tiny");
+    assert_eq!(
+        gpqa_loglikelihoods(&remote_run),
+        lls,
+        "the same checkpoint, the same scores"
+    );
+    assert_eq!(
+        std::fs::read_to_string(remote_run.join("eval/humaneval/samples.jsonl")).unwrap(),
+        samples,
+        "greedy samples of the same checkpoint"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_run_on_redis_and_s3_matches_embedded_run() {
     let repo = tempfile::tempdir().unwrap();

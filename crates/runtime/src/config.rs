@@ -158,6 +158,7 @@ pub struct ServicesSettings {
     pub reconstructor: String,
     pub tokenizer_packer: String,
     pub trainer: String,
+    pub evaluator: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,5 +1,7 @@
 //! gRPC wiring of the conductor.
-use crate::orchestrate::{StageAddrs, StageClients, execute, stages as run_stages};
+use crate::orchestrate::{
+    CheckpointServer, StageAddrs, StageClients, execute, stages as run_stages,
+};
 use crate::spec::RunSpec;
 use crate::summary::RunSummary;
 use davinci_proto::v1::StageStatus;
@@ -34,6 +36,8 @@ pub struct ConductorService {
     stages: Arc<Mutex<HashMap<String, Vec<StageStatus>>>>,
     /// `Run.summary_json` of succeeded runs, read once.
     summaries: Arc<Mutex<HashMap<String, String>>>,
+    /// Serves a run's checkpoint for its evaluate stage (the process's inference target).
+    checkpoints: Option<Arc<dyn CheckpointServer>>,
 }
 
 impl ConductorService {
@@ -43,7 +47,15 @@ impl ConductorService {
             cfg,
             stages: Default::default(),
             summaries: Default::default(),
+            checkpoints: None,
         }
+    }
+
+    /// Lets runs without `evaluation.model_url` evaluate their final checkpoint, served by
+    /// `s` for the stage.
+    pub fn with_checkpoint_server(mut self, s: Arc<dyn CheckpointServer>) -> Self {
+        self.checkpoints = Some(s);
+        self
     }
 
     /// Starts (or, for an id already running, returns) the run `run_id` of `spec`.
@@ -55,16 +67,20 @@ impl ConductorService {
             .unwrap_or_else(|| self.cfg.storage_root.clone());
         let cfg = self.cfg.clone();
         let stages = self.stages.clone();
+        let checkpoints = self.checkpoints.clone();
         let rid = run_id.clone();
         let job = self
             .runs
             .spawn_with_id(&run_id, "run", &run_id, spec.to_yaml(), move |handle| {
                 Box::pin(async move {
+                    let order = run_stages(&spec);
                     let mut clients =
-                        StageClients::connect(&cfg.stages, cfg.token.as_deref()).await?;
+                        StageClients::connect(&cfg.stages, cfg.token.as_deref(), &order).await?;
+                    if let Some(c) = checkpoints {
+                        clients = clients.with_checkpoint_server(c);
+                    }
                     let token = handle.cancel_token();
                     let h = handle.clone();
-                    let order = run_stages(&spec);
                     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StageStatus>();
                     let follower = tokio::spawn(async move {
                         while let Some(st) = rx.recv().await {
@@ -196,6 +212,16 @@ impl Conductor for ConductorService {
         let req = req.into_inner();
         let spec =
             RunSpec::parse(&req.spec_yaml).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if spec
+            .evaluation
+            .as_ref()
+            .is_some_and(|e| e.model_url.is_none())
+            && self.checkpoints.is_none()
+        {
+            return Err(Status::invalid_argument(
+                "invalid run spec at `evaluation.model_url`: this conductor serves no checkpoints; name the endpoint to evaluate (model_url and model)",
+            ));
+        }
         let run_id = if req.run_id.is_empty() {
             spec.resolved_run_id()
         } else {

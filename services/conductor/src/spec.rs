@@ -2,7 +2,7 @@
 //! wrong types and impossible values are refused with the path of the field.
 use davinci_core::pr::RepoMeta;
 use davinci_core::sample::SampleSource;
-use davinci_proto::v1::{CrawlSpec, PackSpec, ReconstructSpec, TrainSpec};
+use davinci_proto::v1::{CrawlSpec, EvalSpec, PackSpec, ReconstructSpec, TrainSpec};
 use serde::{Deserialize, Serialize};
 
 /// A refused spec: where and why.
@@ -50,8 +50,11 @@ pub struct RunSpec {
     /// The train stage after pack; absent: the run ends with the packed shards.
     #[serde(default)]
     pub training: Option<Training>,
+    /// The evaluate stage after train (or, with `model_url`, after pack); absent: no
+    /// evaluation. Serialized as `null` when absent, as the reserved section was, so run ids
+    /// of specs without it stay what they were.
     #[serde(default)]
-    pub evaluation: Option<Reserved>,
+    pub evaluation: Option<Evaluation>,
 }
 
 /// An empty mapping: a section whose stage is not built yet refuses any content.
@@ -314,6 +317,246 @@ pub struct Training {
     pub cluster: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// Benchmarks run against a model: one behind `model_url`, or the run's final checkpoint,
+/// served for the stage by the inference target of the conductor's process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evaluation {
+    /// OpenAI-compatible API root (vLLM, SGLang, `davinci serve --target inference`); absent:
+    /// the trained checkpoint (needs `training:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_url: Option<String>,
+    /// Model name the endpoint serves (required with `model_url`; the checkpoint is served as
+    /// `checkpoint-{step}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub benchmarks: Vec<Benchmark>,
+    #[serde(default)]
+    pub sampling: EvalSampling,
+    /// Requests in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+}
+
+fn default_concurrency() -> u32 {
+    4
+}
+
+/// One benchmark of the evaluate stage; its outputs go to `runs/{run}/eval/{name}/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Benchmark {
+    /// humaneval, humanevalplus, gpqa or scibench.
+    pub name: String,
+    /// The benchmark's data on the evaluator: HumanEval(+) problems JSONL, the GPQA CSV, or
+    /// SciBench's directory.
+    pub data: String,
+    /// humaneval: base | instruct; gpqa: loglikelihood | generative.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// gpqa generative / scibench: prompts as chat messages.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chat: bool,
+    /// HumanEval samples per problem (n > 1 needs temperature > 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    /// Problems or questions evaluated at most (0: all).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub limit: u32,
+    /// SciBench textbooks (empty: all ten).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub books: Vec<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Sampling sent with every request of the stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSampling {
+    /// Tokens per answer at most (absent: the benchmark's default, 512 or 1024).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+impl Default for EvalSampling {
+    fn default() -> Self {
+        Self {
+            max_tokens: None,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 1234,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// The benchmarks the evaluate stage knows.
+pub const BENCHMARKS: [&str; 4] = ["humaneval", "humanevalplus", "gpqa", "scibench"];
+
+impl Evaluation {
+    fn validate(&self, trains: bool) -> Result<(), SpecError> {
+        match (&self.model_url, &self.model) {
+            (None, None) if !trains => {
+                return Err(err(
+                    "evaluation.model_url",
+                    "without a `training:` section there is no checkpoint to serve: name the endpoint (model_url and model)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    "evaluation.model",
+                    "the served checkpoint names itself; a model name goes with model_url",
+                ));
+            }
+            (Some(_), None) => {
+                return Err(err(
+                    "evaluation.model",
+                    "the model name the endpoint serves is required with model_url (GET {model_url}/models lists them)",
+                ));
+            }
+            (Some(u), Some(m)) => {
+                if !u.starts_with("http://") && !u.starts_with("https://") {
+                    return Err(err(
+                        "evaluation.model_url",
+                        format!("`{u}` is not an http(s) URL"),
+                    ));
+                }
+                if m.trim().is_empty() {
+                    return Err(err("evaluation.model", "empty"));
+                }
+            }
+            (None, None) => {}
+        }
+        if self.benchmarks.is_empty() {
+            return Err(err(
+                "evaluation.benchmarks",
+                format!("name at least one of {}", BENCHMARKS.join(", ")),
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err(err("evaluation.concurrency", "must be at least 1"));
+        }
+        let s = &self.sampling;
+        if !(0.0..=2.0).contains(&s.temperature) {
+            return Err(err("evaluation.sampling.temperature", "must be in [0, 2]"));
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            return Err(err("evaluation.sampling.top_p", "must be in (0, 1]"));
+        }
+        if s.max_tokens == Some(0) {
+            return Err(err("evaluation.sampling.max_tokens", "must be at least 1"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, b) in self.benchmarks.iter().enumerate() {
+            let p = format!("evaluation.benchmarks[{i}]");
+            if !BENCHMARKS.contains(&b.name.as_str()) {
+                return Err(err(
+                    format!("{p}.name"),
+                    format!("`{}` is not one of {}", b.name, BENCHMARKS.join(", ")),
+                ));
+            }
+            // Each writes runs/{run}/eval/{name}/.
+            if !seen.insert(&b.name) {
+                return Err(err(
+                    format!("{p}.name"),
+                    format!("`{}` is listed twice", b.name),
+                ));
+            }
+            if b.data.trim().is_empty() {
+                return Err(err(
+                    format!("{p}.data"),
+                    "the benchmark's data path is required",
+                ));
+            }
+            let formats: &[&str] = match b.name.as_str() {
+                "humaneval" | "humanevalplus" => &["base", "instruct"],
+                "gpqa" => &["loglikelihood", "generative"],
+                _ => &[],
+            };
+            if let Some(f) = &b.format
+                && !formats.contains(&f.as_str())
+            {
+                return Err(err(
+                    format!("{p}.format"),
+                    if formats.is_empty() {
+                        format!("{} takes no format", b.name)
+                    } else {
+                        format!("`{f}` is not one of {}", formats.join(", "))
+                    },
+                ));
+            }
+            if b.chat && !matches!(b.name.as_str(), "gpqa" | "scibench") {
+                return Err(err(
+                    format!("{p}.chat"),
+                    "only gpqa and scibench choose between chat and completion prompts (humaneval: format instruct)",
+                ));
+            }
+            if let Some(n) = b.n {
+                if !b.name.starts_with("humaneval") {
+                    return Err(err(format!("{p}.n"), "samples per problem are HumanEval's"));
+                }
+                if n == 0 {
+                    return Err(err(format!("{p}.n"), "must be at least 1"));
+                }
+                if n > 1 && s.temperature == 0.0 {
+                    return Err(err(
+                        format!("{p}.n"),
+                        "several samples per problem need sampling.temperature > 0",
+                    ));
+                }
+            }
+            if !b.books.is_empty() && b.name != "scibench" {
+                return Err(err(format!("{p}.books"), "textbooks are SciBench's"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RunSpec {
+    /// The evaluate stage's job for benchmark `index` against the endpoint `model_url` serving
+    /// `model`; outputs in `runs/{run}/eval/{name}/` (the evaluator writes local storage only).
+    pub fn eval_spec(
+        &self,
+        root: &str,
+        run_id: &str,
+        index: usize,
+        model_url: &str,
+        model: &str,
+    ) -> Option<EvalSpec> {
+        let e = self.evaluation.as_ref()?;
+        let b = e.benchmarks.get(index)?;
+        let root = root.trim_end_matches('/');
+        Some(EvalSpec {
+            benchmark: b.name.clone(),
+            problems: b.data.clone(),
+            out: format!("{root}/runs/{run_id}/eval/{}", b.name),
+            model_url: model_url.to_string(),
+            model: model.to_string(),
+            format: b.format.clone().unwrap_or_default(),
+            chat: b.chat,
+            n: b.n.unwrap_or(1),
+            max_tokens: e.sampling.max_tokens.unwrap_or(0),
+            temperature: e.sampling.temperature,
+            top_p: e.sampling.top_p,
+            seed: Some(e.sampling.seed),
+            stop: e.sampling.stop.clone(),
+            limit: b.limit,
+            concurrency: e.concurrency,
+            books: b.books.clone(),
+            ..Default::default()
+        })
+    }
+}
+
 fn default_engine() -> String {
     "candle".into()
 }
@@ -494,6 +737,9 @@ impl RunSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         if let Some(t) = &self.training {
             t.validate(&self.stage_names())?;
+        }
+        if let Some(e) = &self.evaluation {
+            e.validate(self.training.is_some())?;
         }
         if let Some(id) = &self.run_id
             && (id.is_empty()
@@ -816,9 +1062,11 @@ mod tests {
                 "quickstart-train",
                 include_str!("../../../deploy/examples/quickstart-train.yaml"),
             ),
+            ("loop", include_str!("../../../deploy/examples/loop.yaml")),
         ] {
             let s = RunSpec::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(s.training.is_some(), name == "quickstart-train");
+            assert_eq!(s.training.is_some(), name != "quickstart");
+            assert_eq!(s.evaluation.is_some(), name == "loop");
         }
     }
 
@@ -873,6 +1121,128 @@ mod tests {
         assert_eq!(t.engine, "jobset");
         assert_eq!(c["cluster"]["namespace"], "gpu");
         assert_eq!(c["cluster"]["parallel"]["pp"], 4);
+    }
+
+    #[test]
+    fn evaluation_section() {
+        let training = "training:\n  model: tiny.json\n";
+        let eval = "evaluation:\n  benchmarks:\n    - {name: humaneval, data: he.jsonl, format: instruct}\n    - {name: gpqa, data: g.csv, limit: 2}\n  sampling: {max_tokens: 32, seed: 7}\n";
+        let y = format!("{OK}{training}{eval}");
+        let s = RunSpec::parse(&y).unwrap();
+        assert_eq!(
+            crate::orchestrate::stages(&s),
+            ["crawl", "reconstruct", "pack", "train", "evaluate"]
+        );
+        let e = s
+            .eval_spec(
+                "file:///d",
+                "r1",
+                1,
+                "http://127.0.0.1:9/v1",
+                "checkpoint-3",
+            )
+            .unwrap();
+        assert_eq!(e.benchmark, "gpqa");
+        assert_eq!(e.problems, "g.csv");
+        assert_eq!(e.out, "file:///d/runs/r1/eval/gpqa");
+        assert_eq!(
+            (e.model_url.as_str(), e.model.as_str()),
+            ("http://127.0.0.1:9/v1", "checkpoint-3")
+        );
+        assert_eq!(
+            (e.limit, e.max_tokens, e.seed, e.top_p, e.concurrency),
+            (2, 32, Some(7), 1.0, 4)
+        );
+        let h = s.eval_spec("file:///d", "r1", 0, "u", "m").unwrap();
+        assert_eq!((h.format.as_str(), h.n), ("instruct", 1));
+        assert!(s.eval_spec("file:///d", "r1", 2, "u", "m").is_none());
+        // Specs without the section keep their run id: it serializes as before.
+        assert!(
+            RunSpec::parse(OK)
+                .unwrap()
+                .to_yaml()
+                .contains("evaluation: null")
+        );
+
+        // Without training there is no checkpoint: the endpoint must be named.
+        assert_eq!(path_of(&format!("{OK}{eval}")), "evaluation.model_url");
+        let remote = eval.replace(
+            "evaluation:\n",
+            "evaluation:\n  model_url: http://gpu:8000/v1\n  model: qwen\n",
+        );
+        let s = RunSpec::parse(&format!("{OK}{remote}")).unwrap();
+        assert_eq!(
+            crate::orchestrate::stages(&s),
+            ["crawl", "reconstruct", "pack", "evaluate"]
+        );
+        let bad = |from: &str, to: &str| path_of(&y.replace(from, to));
+        assert_eq!(
+            path_of(&format!("{OK}{}", remote.replace("  model: qwen\n", ""))),
+            "evaluation.model"
+        );
+        assert_eq!(
+            path_of(&format!("{OK}{}", remote.replace("http://gpu", "gpu"))),
+            "evaluation.model_url"
+        );
+        assert_eq!(
+            bad("name: gpqa", "name: mmlu"),
+            "evaluation.benchmarks[1].name"
+        );
+        assert_eq!(
+            bad("name: gpqa", "name: humaneval"),
+            "evaluation.benchmarks[1].name"
+        );
+        assert_eq!(
+            bad("format: instruct", "format: chat"),
+            "evaluation.benchmarks[0].format"
+        );
+        assert_eq!(
+            bad("data: g.csv", "data: ''"),
+            "evaluation.benchmarks[1].data"
+        );
+        assert_eq!(
+            bad("limit: 2", "limit: 2, n: 4"),
+            "evaluation.benchmarks[1].n"
+        );
+        assert_eq!(
+            bad("format: instruct", "format: base, n: 4"),
+            "evaluation.benchmarks[0].n"
+        );
+        assert_eq!(
+            bad("limit: 2", "limit: 2, chat: true, books: [atkins]"),
+            "evaluation.benchmarks[1].books"
+        );
+        assert_eq!(
+            bad("format: instruct", "format: base, chat: true"),
+            "evaluation.benchmarks[0].chat"
+        );
+        assert_eq!(
+            bad("seed: 7", "seed: 7, top_p: 0"),
+            "evaluation.sampling.top_p"
+        );
+        assert_eq!(
+            bad("seed: 7", "seed: 7, temperature: 3"),
+            "evaluation.sampling.temperature"
+        );
+        assert_eq!(
+            bad("seed: 7", "seed: 7, beams: 3"),
+            "evaluation.sampling.beams"
+        );
+        assert_eq!(
+            bad("limit: 2}", "limit: 2}\n  concurrency: 0"),
+            "evaluation.concurrency"
+        );
+        assert_eq!(
+            path_of(&format!("{OK}{training}evaluation:\n  benchmarks: []\n")),
+            "evaluation.benchmarks"
+        );
+        assert_eq!(
+            path_of(&format!(
+                "{OK}{training}{}",
+                eval.replace("evaluation:\n", "evaluation:\n  model: qwen\n")
+            )),
+            "evaluation.model"
+        );
     }
 
     #[test]

@@ -13,6 +13,10 @@ pub struct RunSummary {
     pub crawl: Value,
     pub reconstruct: Value,
     pub manifest: Value,
+    /// Benchmark → the scores of its `eval/{benchmark}/report.json` (runs with an evaluate
+    /// stage).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub evaluation: std::collections::BTreeMap<String, Value>,
 }
 
 impl RunSummary {
@@ -36,10 +40,28 @@ impl RunSummary {
                 }
             }
         }
+        let mut evaluation = std::collections::BTreeMap::new();
+        let prefix = format!("runs/{run_id}/eval/");
+        for o in store
+            .list(&prefix)
+            .await
+            .map_err(|e| anyhow::anyhow!("listing {}: {e}", store.uri(&prefix)))?
+        {
+            if let Some(bench) = o
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|k| k.strip_suffix("/report.json"))
+                .filter(|b| !b.contains('/'))
+            {
+                let report = read_json(store, &o.key).await?;
+                evaluation.insert(bench.to_string(), report["scores"].clone());
+            }
+        }
         Ok(Self {
             crawl,
             reconstruct,
             manifest,
+            evaluation,
         })
     }
 }
@@ -83,7 +105,15 @@ mod tests {
                 "datasets": [{"name": "ctx-python", "bins": 1, "shards": [{"key": "k"}]}]}]}),
         )
         .await;
+        put(
+            "runs/r/eval/gpqa/report.json",
+            serde_json::json!({"scores": {"accuracy": 0.25}, "provenance": {"model": "m"}}),
+        )
+        .await;
+        put("runs/r/eval/gpqa/results.jsonl", serde_json::json!({})).await;
         let s = RunSummary::read(&store, "r").await.unwrap();
+        assert_eq!(s.evaluation.len(), 1);
+        assert_eq!(s.evaluation["gpqa"]["accuracy"], 0.25);
         assert_eq!(s.crawl["out"], 2);
         assert_eq!(s.crawl["drops"]["bot"], 1);
         assert!(s.crawl.get("shards").is_none() && s.crawl.get("repos").is_none());

@@ -325,3 +325,215 @@ async fn scibench_with_upstream_grading() {
             == "Find the force on the wire. The unit of the answer is  N."));
     }
 }
+
+/// Runs one job of the Evaluator service to its end.
+async fn job(
+    svc: &davinci_evaluator::serve::EvaluatorService,
+    spec: davinci_proto::v1::EvalSpec,
+) -> davinci_proto::v1::Job {
+    use davinci_proto::v1::evaluator_server::Evaluator;
+    use futures::StreamExt;
+    let j = svc
+        .start_eval(tonic::Request::new(davinci_proto::v1::StartEvalRequest {
+            run_id: String::new(),
+            spec: Some(spec),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = || davinci_proto::v1::JobRef {
+        job_id: j.job_id.clone(),
+    };
+    let mut events = svc
+        .watch_eval(tonic::Request::new(r()))
+        .await
+        .unwrap()
+        .into_inner();
+    while events.next().await.is_some() {}
+    svc.get_eval(tonic::Request::new(r()))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// The Evaluator service drives the endpoint itself when a spec names `model_url`: HumanEval
+/// samples are generated and graded, GPQA and SciBench scored, each report with provenance;
+/// the oracle scores 1.0 and the wrong model 0.0. Specs that cannot run are refused by field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_jobs_drive_the_endpoint() {
+    use davinci_evaluator::serve::{EvaluatorService, ServeConfig};
+    use davinci_proto::v1::evaluator_server::Evaluator;
+    use davinci_proto::v1::{EvalSpec, JobState};
+    let problems = load_problems(&fixture("humaneval/HumanEvalFixture.jsonl")).unwrap();
+    let code: Vec<(String, String)> = problems
+        .iter()
+        .map(|p| (p.prompt.clone(), p.canonical_solution.clone()))
+        .collect();
+    let (questions, _) = gpqa::load_csv(&fixture("gpqa/gpqa_format.csv")).unwrap();
+    let answers: Vec<String> = questions
+        .iter()
+        .map(|q| gpqa::shuffle(q, 7))
+        .map(|i| i.choices[i.gold].clone())
+        .collect();
+    let sci = tempfile::tempdir().unwrap();
+    std::fs::write(
+        sci.path().join("fund.json"),
+        json!([{"problem_text": "Find the speed of the cart.", "answer_number": "12.5",
+                "unit": " m/s ", "source": "fund", "problemid": " 1.1 ", "comment": " "}])
+        .to_string(),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let svc = EvaluatorService::new(
+        davinci_runtime::jobs::JobRegistry::in_memory().await,
+        ServeConfig::default(),
+    );
+    for (wrong, want) in [(false, 1.0), (true, 0.0)] {
+        let (ep, oracle) = serve(Oracle {
+            wrong,
+            code: code.clone(),
+            answers: answers.clone(),
+            numbers: vec![("Find the speed".into(), "12.5".into())],
+            ..Default::default()
+        })
+        .await;
+        let out = |b: &str| tmp.path().join(format!("{wrong}/{b}"));
+        let base = EvalSpec {
+            model_url: ep.base_url().to_string(),
+            model: "oracle".into(),
+            seed: Some(7),
+            max_tokens: 100,
+            concurrency: 2,
+            ..Default::default()
+        };
+        let he = job(
+            &svc,
+            EvalSpec {
+                benchmark: "humaneval".into(),
+                problems: fixture("humaneval/HumanEvalFixture.jsonl")
+                    .display()
+                    .to_string(),
+                out: out("humaneval").display().to_string(),
+                format: "instruct".into(),
+                ..base.clone()
+            },
+        )
+        .await;
+        assert_eq!(he.state, JobState::Succeeded as i32, "{he:?}");
+        assert_eq!(he.counters.get("generated"), Some(&3));
+        let r = read_json(&out("humaneval").join("report.json"));
+        assert_eq!(r["scores"]["base"]["pass@1"], want, "wrong={wrong}");
+        assert_eq!(r["provenance"]["model"], "oracle");
+        assert_eq!(r["provenance"]["endpoint"], ep.base_url());
+        assert_eq!(r["provenance"]["sampling"]["max_tokens"], 100);
+        assert_eq!(
+            std::fs::read_to_string(out("humaneval").join("samples.jsonl"))
+                .unwrap()
+                .lines()
+                .count(),
+            3
+        );
+        for (bench, data) in [
+            ("gpqa", fixture("gpqa/gpqa_format.csv")),
+            ("scibench", sci.path().to_path_buf()),
+        ] {
+            let j = job(
+                &svc,
+                EvalSpec {
+                    benchmark: bench.into(),
+                    problems: data.display().to_string(),
+                    out: out(bench).display().to_string(),
+                    chat: bench == "scibench",
+                    ..base.clone()
+                },
+            )
+            .await;
+            assert_eq!(j.state, JobState::Succeeded as i32, "{j:?}");
+            let r = read_json(&out(bench).join("report.json"));
+            assert_eq!(r["scores"]["accuracy"], want, "{bench} wrong={wrong}");
+            assert_eq!(r["provenance"]["seed"], 7);
+            assert_eq!(r["provenance"]["data_sha256"].as_str().unwrap().len(), 64);
+        }
+        // GPQA went by loglikelihood (echo), SciBench by chat.
+        let reqs = oracle.requests.lock().unwrap();
+        assert!(reqs.iter().any(|q| q["echo"] == json!(true)));
+        assert!(
+            reqs.iter()
+                .any(|q| q["messages"][0]["role"] == "system" && q["seed"] == 7)
+        );
+    }
+
+    let refused = |spec: EvalSpec| {
+        let svc = &svc;
+        async move {
+            svc.start_eval(tonic::Request::new(davinci_proto::v1::StartEvalRequest {
+                run_id: String::new(),
+                spec: Some(spec),
+            }))
+            .await
+            .unwrap_err()
+            .message()
+            .to_string()
+        }
+    };
+    let ok = EvalSpec {
+        benchmark: "gpqa".into(),
+        problems: "/data/gpqa.csv".into(),
+        out: "/tmp/x".into(),
+        model_url: "http://127.0.0.1:1/v1".into(),
+        model: "m".into(),
+        ..Default::default()
+    };
+    for (spec, field) in [
+        (
+            EvalSpec {
+                model_url: String::new(),
+                ..ok.clone()
+            },
+            "spec.model_url",
+        ),
+        (
+            EvalSpec {
+                model: String::new(),
+                ..ok.clone()
+            },
+            "spec.model",
+        ),
+        (
+            EvalSpec {
+                format: "chat".into(),
+                ..ok.clone()
+            },
+            "spec.format",
+        ),
+        (
+            EvalSpec {
+                temperature: 5.0,
+                ..ok.clone()
+            },
+            "spec.temperature",
+        ),
+        (
+            EvalSpec {
+                benchmark: "humaneval".into(),
+                samples: "/s.jsonl".into(),
+                ..ok.clone()
+            },
+            "spec.samples",
+        ),
+        (
+            EvalSpec {
+                benchmark: "swe-bench".into(),
+                ..ok.clone()
+            },
+            "spec.model_url",
+        ),
+    ] {
+        let m = refused(spec).await;
+        assert!(m.starts_with(field), "{field}: {m}");
+    }
+}

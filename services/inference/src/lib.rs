@@ -34,6 +34,9 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// Context limit (default and upper bound: the config's `max_position_embeddings`).
     pub max_model_len: Option<usize>,
+    /// `tokenizer.json` for a checkpoint that carries none (ours, trained from fresh weights,
+    /// use the run's tokenizer); default: the directory's.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// EOS ids from `config.json` and `generation_config.json` (an id or a list of ids).
@@ -58,7 +61,10 @@ fn eos_ids(dir: &Path, config_extra: &serde_json::Map<String, Value>) -> Vec<u32
 /// Loads the checkpoint and tokenizer, checks they fit each other, and starts the engine.
 pub fn load(cfg: &ServeConfig) -> anyhow::Result<Arc<server::Served>> {
     let dir = &cfg.model_dir;
-    let tok_path = dir.join("tokenizer.json");
+    let tok_path = cfg
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| dir.join("tokenizer.json"));
     let tok = Tokenizer::from_file(&tok_path).with_context(|| {
         format!(
             "loading {} (the server needs the checkpoint's tokenizer.json beside config.json)",

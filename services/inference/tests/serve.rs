@@ -133,6 +133,7 @@ async fn start(max_batch: usize) -> Served {
         name: Some("tiny".into()),
         max_batch,
         max_model_len: None,
+        tokenizer: None,
     })
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

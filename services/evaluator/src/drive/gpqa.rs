@@ -139,6 +139,23 @@ pub struct ItemResult {
     pub output: Option<String>,
 }
 
+/// The prompt template of `mode`, as its provenance hashes it.
+pub fn template(mode: Mode) -> String {
+    match mode {
+        Mode::Loglikelihood => TEMPLATE.to_string(),
+        Mode::Generative => format!("{TEMPLATE}{GENERATIVE_SUFFIX}"),
+    }
+}
+
+/// The report's scores: accuracy, and the answers without a readable letter.
+pub fn scores(results: &[ItemResult], mode: Mode) -> serde_json::Value {
+    let correct = results.iter().filter(|r| r.correct).count();
+    let unparsed = results.iter().filter(|r| r.pred.is_none()).count();
+    json!({"mode": format!("{mode:?}").to_lowercase(), "questions": results.len(),
+           "correct": correct, "unparsed": unparsed,
+           "accuracy": correct as f64 / results.len().max(1) as f64})
+}
+
 /// Grades every item; `chat` sends generative prompts as a user message instead of a raw
 /// completion prompt.
 pub async fn evaluate(

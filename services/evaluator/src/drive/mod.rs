@@ -76,3 +76,18 @@ pub fn write_jsonl<T: Serialize>(path: &std::path::Path, rows: &[T]) -> anyhow::
     }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
+
+/// Writes `dir/report.json`: the scores and how they were measured.
+pub fn write_report(
+    dir: &std::path::Path,
+    provenance: &Provenance,
+    scores: serde_json::Value,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("report.json");
+    let v = serde_json::json!({"scores": scores, "provenance": provenance});
+    std::fs::write(&path, serde_json::to_string_pretty(&v)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}

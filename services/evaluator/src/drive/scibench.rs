@@ -141,6 +141,17 @@ pub fn grade(p: &Prepared, output: &str) -> ItemResult {
     }
 }
 
+/// The report's scores: accuracy, answers without a number and references upstream cannot
+/// read.
+pub fn scores(results: &[ItemResult]) -> serde_json::Value {
+    let correct = results.iter().filter(|r| r.correct).count();
+    json!({"problems": results.len(), "correct": correct,
+           "accuracy": correct as f64 / results.len().max(1) as f64,
+           "no_number_in_answer": results.iter().filter(|r| r.extracted.is_none()).count(),
+           "unreadable_reference": results.iter().filter(|r| r.reference.is_none()).count(),
+           "rel_tol": REL_TOL})
+}
+
 /// Asks every problem (system + user messages over chat, or the two joined as a completion
 /// prompt) and grades the first answer.
 pub async fn evaluate(
