@@ -53,7 +53,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut workers = tokio::task::JoinSet::new();
     let tokenizer: davinci_reconstructor::serve::TokenizerLoader =
         std::sync::Arc::new(crate::serve::tokenizer_counter);
+    // The tasks and rollout services with the settings `davinci serve` has by default, their
+    // environment cache under the run's storage.
+    let mut settings = davinci_runtime::config::Settings::default();
+    settings.storage.uri = root.clone();
+    let (tasks_base, tasks_dirs) = crate::serve::tasks_settings(&settings)?;
+    let rollout_base = crate::serve::rollout_settings(&settings)?;
     for w in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        let tasks = davinci_tasks::serve::worker(
+            queue.clone(),
+            format!("tasks-{w}"),
+            s3.clone(),
+            tasks_dirs.clone(),
+            stop_workers.clone(),
+        );
+        workers.spawn(async move { tasks.await.map(|_| ()) });
+        workers.spawn(davinci_rollout::serve::worker(
+            queue.clone(),
+            format!("rollout-{w}"),
+            s3.clone(),
+            stop_workers.clone(),
+            std::sync::Arc::new(|_| {}),
+        ));
         let crawl = davinci_crawler::serve::worker(
             queue.clone(),
             davinci_crawler::pipeline::CrawlConfig::new(""),
@@ -119,7 +140,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         )
         .add_service(davinci_proto::v1::evaluator_server::EvaluatorServer::new(
             davinci_evaluator::serve::EvaluatorService::new(jobs.clone(), Default::default()),
-        ));
+        ))
+        .add_service(
+            davinci_tasks::serve::TasksService::new(
+                jobs.clone(),
+                tasks_base,
+                None,
+                tasks_dirs,
+                s3.clone(),
+            )
+            .with_queue(queue.clone())
+            .into_server(),
+        )
+        .add_service(
+            davinci_rollout::serve::RolloutService::new(jobs.clone(), rollout_base, s3.clone())
+                .with_queue(queue.clone())
+                .into_server(),
+        );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let opts = ServeOptions {
         request_timeout: std::time::Duration::from_secs(3600),
@@ -140,7 +177,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         reconstructor: addr.clone(),
         tokenizer_packer: addr.clone(),
         trainer: addr.clone(),
-        evaluator: addr,
+        evaluator: addr.clone(),
+        rollout: addr.clone(),
+        tasks: addr,
     };
     let mut clients = StageClients::connect(&addrs, None, &stages(&spec))
         .await?

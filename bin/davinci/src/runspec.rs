@@ -121,6 +121,38 @@ fn resolve_local_paths(spec: &mut RunSpec, cwd: &Path) -> anyhow::Result<Vec<Str
         );
         b.data = p.display().to_string();
     }
+    let exists = |field: String, p: &str| -> anyhow::Result<String> {
+        let local = p.strip_prefix("file://").unwrap_or(p);
+        if p.contains("://") && !p.starts_with("file://") {
+            return Ok(p.to_string());
+        }
+        let a = abs(local);
+        anyhow::ensure!(
+            a.exists(),
+            "invalid run spec at `{field}`: {} does not exist (relative paths are read from {})",
+            a.display(),
+            cwd.display()
+        );
+        Ok(a.display().to_string())
+    };
+    if let Some(r) = &mut spec.rollout {
+        for (i, t) in r.tasks.iter_mut().enumerate() {
+            *t = exists(format!("rollout.tasks[{i}]"), t)?;
+        }
+        if let Some(d) = &mut r.repos_dir {
+            *d = exists("rollout.repos_dir".into(), d)?;
+        }
+    }
+    if let Some(t) = &mut spec.tasks {
+        for (i, r) in t.repos.iter_mut().enumerate() {
+            if let Some((name, path)) = r.split_once('=') {
+                *r = format!("{name}={}", exists(format!("tasks.repos[{i}]"), path)?);
+            }
+        }
+        if let Some(d) = &mut t.repos_dir {
+            *d = exists("tasks.repos_dir".into(), d)?;
+        }
+    }
     let mut warnings = Vec::new();
     for (i, r) in spec.sources.repos.iter_mut().enumerate() {
         if r.path.starts_with("file://") {

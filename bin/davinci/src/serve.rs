@@ -207,6 +207,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         tokenizer_packer: pick(&svc.tokenizer_packer),
                         trainer: pick(&svc.trainer),
                         evaluator: pick(&svc.evaluator),
+                        rollout: pick(&svc.rollout),
+                        tasks: pick(&svc.tasks),
                     },
                     token: opts.auth_token.clone(),
                     // made absolute when the settings were loaded
@@ -486,7 +488,7 @@ fn evaluator_config(
 /// The rollout service's base settings: its sandbox backend (`rollout.sandbox`, else the
 /// process's `sandbox:` section) and environments, checked before the server starts (a bad
 /// backend field is named by its path).
-fn rollout_settings(
+pub fn rollout_settings(
     settings: &davinci_runtime::config::Settings,
 ) -> anyhow::Result<davinci_rollout::pipeline::RolloutSettings> {
     let r = &settings.rollout;

@@ -418,6 +418,97 @@ fn embedded_run_trains_then_evaluates_the_checkpoint() {
     );
 }
 
+/// crawl → reconstruct → rollout → pack: replay rollouts on validated fixture tasks in the
+/// local sandbox, their pass trajectories packed as `env-pass` beside the samples. Needs bwrap.
+#[test]
+fn embedded_run_rolls_out_tasks_and_packs_their_trajectories() {
+    let repo = tempfile::tempdir().unwrap();
+    fixture_repo(repo.path());
+    let data = tempfile::tempdir().unwrap();
+    let repos = data.path().join("repos");
+    let mut lines = String::new();
+    for n in 1..=2 {
+        let t = davinci_testkit::tasks::textkit_task(&repos, n).unwrap();
+        lines.push_str(&serde_json::to_string(&t).unwrap());
+        lines.push('\n');
+    }
+    let tasks = data.path().join("tasks.jsonl");
+    std::fs::write(&tasks, lines).unwrap();
+    let store = data.path().join("store");
+    let base = spec(repo.path(), &format!("file://{}", store.display()))
+        .replace("seq_len: 2048", "seq_len: 16384")
+        .replace(
+            "      datasets: [{source: ctx-python}]\n",
+            "      datasets: [{source: ctx-python}]\n    - name: sft\n      mask: assistant-only\n      datasets: [{source: env-pass, upsample: 3}]\n",
+        );
+    let rollout = format!(
+        "rollout:\n  tasks: [{}]\n  policy: replay\n  repos_dir: {}\n  rollouts_per_task: 2\n",
+        tasks.display(),
+        repos.display()
+    );
+    let spec_file = data.path().join("run.yaml");
+    std::fs::write(&spec_file, format!("{base}{rollout}")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_davinci"))
+        .arg("run")
+        .arg(&spec_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rollout "), "{stdout}");
+    let run = store.join("runs/fixture");
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("stats/rollout.json")).unwrap()).unwrap();
+    assert_eq!(stats["exit_status"]["submitted"], 4, "{stats}");
+    assert!(run.join("trajectories/pass/tasks.jsonl.zst").is_file());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("packed/manifest.json")).unwrap()).unwrap();
+    let sft = manifest["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "sft")
+        .unwrap();
+    let env = &sft["datasets"][0];
+    assert_eq!(env["name"], "env-pass", "{manifest}");
+    assert_eq!(env["documents"], 4, "four pass trajectories: {env}");
+    assert!(
+        stdout.contains("packed sft/env-pass: 4 documents"),
+        "{stdout}"
+    );
+
+    // A rollout without tasks or a tasks stage, and a mixture that packs no trajectories, are
+    // refused before anything runs.
+    for (from, to, field) in [
+        (
+            format!("  tasks: [{}]\n", tasks.display()),
+            String::new(),
+            "rollout.tasks",
+        ),
+        (
+            "{source: env-pass, upsample: 3}".to_string(),
+            "{source: ctx-general}".to_string(),
+            "`rollout`",
+        ),
+    ] {
+        std::fs::write(&spec_file, format!("{base}{rollout}").replace(&from, &to)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_davinci"))
+            .arg("run")
+            .arg(&spec_file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(field),
+            "{field}: {stderr}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_run_on_redis_and_s3_matches_embedded_run() {
     let repo = tempfile::tempdir().unwrap();

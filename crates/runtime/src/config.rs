@@ -159,6 +159,8 @@ pub struct ServicesSettings {
     pub tokenizer_packer: String,
     pub trainer: String,
     pub evaluator: String,
+    pub rollout: String,
+    pub tasks: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

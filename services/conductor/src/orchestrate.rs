@@ -1,16 +1,20 @@
-//! Drives one run through its stages over gRPC: crawl → reconstruct → pack (→ train when the
-//! spec has a `training:` section, → evaluate with an `evaluation:` section). The embedded
+//! Drives one run through its stages over gRPC: crawl → reconstruct (→ tasks with a `tasks:`
+//! section, → rollout with a `rollout:` section) → pack (→ train with a `training:` section,
+//! → evaluate with an `evaluation:` section). The embedded
 //! `davinci run` and the distributed conductor use this same code, so both produce the same
 //! outputs for the same spec.
 use crate::spec::RunSpec;
 use davinci_proto::v1::crawler_client::CrawlerClient;
 use davinci_proto::v1::evaluator_client::EvaluatorClient;
 use davinci_proto::v1::reconstructor_client::ReconstructorClient;
+use davinci_proto::v1::rollout_client::RolloutClient;
+use davinci_proto::v1::tasks_client::TasksClient;
 use davinci_proto::v1::tokenizer_packer_client::TokenizerPackerClient;
 use davinci_proto::v1::trainer_client::TrainerClient;
 use davinci_proto::v1::{
     Job, JobRef, JobState, ProgressEvent, StageStatus, StartCrawlRequest, StartEvalRequest,
-    StartPackRequest, StartReconstructRequest, StartTrainRequest,
+    StartPackRequest, StartReconstructRequest, StartRolloutRequest, StartTasksRequest,
+    StartTrainRequest,
 };
 use davinci_runtime::grpc::{self, ClientInterceptor};
 use davinci_runtime::jobs::INTERRUPTED;
@@ -31,6 +35,8 @@ pub struct StageAddrs {
     pub tokenizer_packer: String,
     pub trainer: String,
     pub evaluator: String,
+    pub rollout: String,
+    pub tasks: String,
 }
 
 /// A model endpoint the evaluate stage drives; the endpoint stays up while this lives.
@@ -66,6 +72,8 @@ pub struct StageClients {
     packer: Option<TokenizerPackerClient<Chan>>,
     trainer: Option<TrainerClient<Chan>>,
     evaluator: Option<EvaluatorClient<Chan>>,
+    rollout: Option<RolloutClient<Chan>>,
+    tasks: Option<TasksClient<Chan>>,
     checkpoints: Option<Arc<dyn CheckpointServer>>,
     /// The endpoint of the evaluate stage in progress: (API root, model name).
     eval_model: Option<(String, String)>,
@@ -105,6 +113,12 @@ impl StageClients {
             evaluator: chan(addrs.evaluator.clone(), uses("evaluate"))
                 .await?
                 .map(EvaluatorClient::new),
+            rollout: chan(addrs.rollout.clone(), uses("rollout"))
+                .await?
+                .map(RolloutClient::new),
+            tasks: chan(addrs.tasks.clone(), uses("tasks"))
+                .await?
+                .map(TasksClient::new),
             checkpoints: None,
             eval_model: None,
         })
@@ -119,14 +133,24 @@ impl StageClients {
 }
 
 /// Every stage a run can have, in order.
-pub const STAGES: [&str; 5] = ["crawl", "reconstruct", "pack", "train", "evaluate"];
+pub const STAGES: [&str; 7] = [
+    "crawl",
+    "reconstruct",
+    "tasks",
+    "rollout",
+    "pack",
+    "train",
+    "evaluate",
+];
 
-/// The stages `spec` runs: train only with a `training:` section, evaluate only with an
-/// `evaluation:` section.
+/// The stages `spec` runs: the optional ones only with their section (`tasks:`, `rollout:`,
+/// `training:`, `evaluation:`).
 pub fn stages(spec: &RunSpec) -> Vec<&'static str> {
     STAGES
         .into_iter()
         .filter(|s| match *s {
+            "tasks" => spec.tasks.is_some(),
+            "rollout" => spec.rollout.is_some(),
             "train" => spec.training.is_some(),
             "evaluate" => spec.evaluation.is_some(),
             _ => true,
@@ -192,6 +216,18 @@ impl StageClients {
                     .start_train(StartTrainRequest { run_id, spec: s })
                     .await
             }
+            "tasks" => {
+                let s = spec.tasks_spec(root, &run_id);
+                client(&mut self.tasks, stage)?
+                    .start_tasks(StartTasksRequest { run_id, spec: s })
+                    .await
+            }
+            "rollout" => {
+                let s = spec.rollout_spec(root, &run_id);
+                client(&mut self.rollout, stage)?
+                    .start_rollout(StartRolloutRequest { run_id, spec: s })
+                    .await
+            }
             _ => {
                 let (url, model) = self.eval_model.clone().ok_or_else(|| {
                     tonic::Status::failed_precondition("the evaluate stage has no model endpoint")
@@ -218,6 +254,8 @@ impl StageClients {
             }
             "pack" => client(&mut self.packer, stage)?.get_pack(r).await,
             "train" => client(&mut self.trainer, stage)?.get_train(r).await,
+            "tasks" => client(&mut self.tasks, stage)?.get_tasks(r).await,
+            "rollout" => client(&mut self.rollout, stage)?.get_rollout(r).await,
             _ => client(&mut self.evaluator, stage)?.get_eval(r).await,
         }
         .map(|r| r.into_inner())
@@ -240,6 +278,8 @@ impl StageClients {
             }
             "pack" => client(&mut self.packer, stage)?.watch_pack(r).await,
             "train" => client(&mut self.trainer, stage)?.watch_train(r).await,
+            "tasks" => client(&mut self.tasks, stage)?.watch_tasks(r).await,
+            "rollout" => client(&mut self.rollout, stage)?.watch_rollout(r).await,
             _ => client(&mut self.evaluator, stage)?.watch_eval(r).await,
         }
         .map(|r| r.into_inner())
@@ -259,6 +299,8 @@ impl StageClients {
                 }
                 "pack" => client(&mut self.packer, stage)?.cancel_pack(r).await,
                 "train" => client(&mut self.trainer, stage)?.cancel_train(r).await,
+                "tasks" => client(&mut self.tasks, stage)?.cancel_tasks(r).await,
+                "rollout" => client(&mut self.rollout, stage)?.cancel_rollout(r).await,
                 _ => client(&mut self.evaluator, stage)?.cancel_eval(r).await,
             }
         }

@@ -2,7 +2,9 @@
 //! wrong types and impossible values are refused with the path of the field.
 use davinci_core::pr::RepoMeta;
 use davinci_core::sample::SampleSource;
-use davinci_proto::v1::{CrawlSpec, EvalSpec, PackSpec, ReconstructSpec, TrainSpec};
+use davinci_proto::v1::{
+    CrawlSpec, EvalSpec, PackSpec, ReconstructSpec, RolloutSpec, TasksSpec, TrainSpec,
+};
 use serde::{Deserialize, Serialize};
 
 /// A refused spec: where and why.
@@ -44,9 +46,15 @@ pub struct RunSpec {
     /// Stages and their datasets; default: the paper's stage1 / stage2 / sft.
     #[serde(default)]
     pub mixture: Option<Mixture>,
-    /// Reserved for the rollout and evaluation stages (later releases).
+    /// Executable tasks from the crawled PRs (the tasks stage after reconstruct); absent: no
+    /// tasks stage. Left out of the YAML when absent, so run ids of specs without it stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Tasks>,
+    /// Agent rollouts on executable tasks before pack; their trajectories pack as `env-pass` /
+    /// `env-fail`. Serialized as `null` when absent, as the reserved section was, so run ids of
+    /// specs without it stay what they were.
     #[serde(default)]
-    pub rollout: Option<Reserved>,
+    pub rollout: Option<Rollout>,
     /// The train stage after pack; absent: the run ends with the packed shards.
     #[serde(default)]
     pub training: Option<Training>,
@@ -56,11 +64,6 @@ pub struct RunSpec {
     #[serde(default)]
     pub evaluation: Option<Evaluation>,
 }
-
-/// An empty mapping: a section whose stage is not built yet refuses any content.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Reserved {}
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -315,6 +318,338 @@ pub struct Training {
     /// they are; the trainer refuses an unknown field by its path when the stage starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The tasks stage: each crawled PR split into code and test patches, its environment built
+/// and the task validated by running its tests; kept tasks go to `runs/{run}/tasks/`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tasks {
+    /// Git mirrors as `owner/name=PATH`, beside the local `sources.repos` (which are used as
+    /// their own mirrors).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repos: Vec<String>,
+    /// A directory of mirrors named `owner__name` or `owner__name.git`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repos_dir: Option<String>,
+    /// The tasks service's settings for this run (select, env, validate, test_timeout_secs,
+    /// jobs, sandbox), laid over its own; the service refuses a bad field by its path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The top-level keys of the tasks service's settings.
+const TASKS_SETTINGS: [&str; 6] = [
+    "select",
+    "env",
+    "validate",
+    "test_timeout_secs",
+    "jobs",
+    "sandbox",
+];
+
+impl Tasks {
+    fn validate(&self) -> Result<(), SpecError> {
+        for (i, r) in self.repos.iter().enumerate() {
+            match r.split_once('=') {
+                Some((name, path)) if RepoMeta::is_full_name(name) && !path.trim().is_empty() => {}
+                _ => {
+                    return Err(err(
+                        format!("tasks.repos[{i}]"),
+                        format!("`{r}` is not owner/name=PATH"),
+                    ));
+                }
+            }
+        }
+        if self.repos_dir.as_ref().is_some_and(|d| d.trim().is_empty()) {
+            return Err(err("tasks.repos_dir", "empty"));
+        }
+        for (k, v) in self.settings.iter().flatten() {
+            if !TASKS_SETTINGS.contains(&k.as_str()) {
+                return Err(err(
+                    format!("tasks.settings.{k}"),
+                    format!(
+                        "unknown setting (expected one of {})",
+                        TASKS_SETTINGS.join(", ")
+                    ),
+                ));
+            }
+            if matches!(k.as_str(), "jobs" | "test_timeout_secs")
+                && !v.as_u64().is_some_and(|n| n >= 1)
+            {
+                return Err(err(
+                    format!("tasks.settings.{k}"),
+                    format!("{v} must be an integer >= 1"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RunSpec {
+    fn has_tasks_stage(&self) -> bool {
+        self.tasks.is_some()
+    }
+
+    /// The tasks stage's spec: the run's PR shards in, `runs/{run}/` out (`tasks/`,
+    /// `stats/tasks.json`); local named `sources.repos` are the mirrors, with `tasks.repos`.
+    pub fn tasks_spec(&self, root: &str, run_id: &str) -> Option<TasksSpec> {
+        let t = self.tasks.as_ref()?;
+        let root = root.trim_end_matches('/');
+        let mut repos: Vec<String> = self
+            .sources
+            .repos
+            .iter()
+            .filter(|r| !r.path.contains("://") && !r.path.contains('@'))
+            .filter_map(|r| Some(format!("{}={}", r.name.as_ref()?, r.path)))
+            .collect();
+        repos.extend(t.repos.iter().cloned());
+        Some(TasksSpec {
+            inputs: vec![format!("{root}/runs/{run_id}/prs/")],
+            out: format!("{root}/runs/{run_id}"),
+            set_format: String::new(),
+            repos,
+            repos_dir: t.repos_dir.clone().unwrap_or_default(),
+            settings_json: t
+                .settings
+                .as_ref()
+                .map(|m| serde_json::Value::Object(m.clone()).to_string())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// The rollout stage: agents on validated tasks, graded; resolved runs go to
+/// `runs/{run}/trajectories/pass/`, the others to `fail/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    /// Task shards or prefixes (paths or storage URIs, `davinci.task` JSONL); absent: the
+    /// tasks stage's `runs/{run}/tasks/` (needs `tasks:`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<String>,
+    /// replay (the gold patch through the tools; no model), openai (a model behind
+    /// `model_url`) or null (submits nothing; checks that grading fails it).
+    pub policy: String,
+    /// OpenAI-compatible API root of the openai policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Rollouts per task (the paper: 4); rollout `i` samples with `seed + i`.
+    #[serde(default = "default_rollouts")]
+    pub rollouts_per_task: u32,
+    /// Model turns at most (absent: the service's, 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u32>,
+    /// Context tokens at most (absent: 131072).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_tokens: Option<u64>,
+    /// Seconds per agent command by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_timeout_s: Option<f64>,
+    /// Seconds per rollout at most (model calls and commands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_time_s: Option<f64>,
+    /// US dollars per rollout at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost: Option<f64>,
+    /// Sampling of the openai policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<RolloutSampling>,
+    /// Prepared environments on the rollout service (`{dir}/{owner}__{name}/` git clones);
+    /// absent: the service's `rollout.repos_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repos_dir: Option<String>,
+}
+
+fn default_rollouts() -> u32 {
+    1
+}
+
+/// Sampling sent with every model call of the openai policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSampling {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Tokens per model answer at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+}
+
+impl Rollout {
+    fn validate(&self, has_tasks_stage: bool, mixture: Option<&Mixture>) -> Result<(), SpecError> {
+        if !matches!(self.policy.as_str(), "replay" | "openai" | "null") {
+            return Err(err(
+                "rollout.policy",
+                format!("`{}` is not replay, openai or null", self.policy),
+            ));
+        }
+        match (self.policy.as_str(), &self.model_url, &self.model) {
+            ("openai", None, _) => {
+                return Err(err(
+                    "rollout.model_url",
+                    "the openai policy needs an endpoint",
+                ));
+            }
+            ("openai", Some(_), None) => {
+                return Err(err(
+                    "rollout.model",
+                    "the model name the endpoint serves is required with model_url",
+                ));
+            }
+            ("openai", Some(u), Some(_))
+                if !u.starts_with("http://") && !u.starts_with("https://") =>
+            {
+                return Err(err(
+                    "rollout.model_url",
+                    format!("`{u}` is not an http(s) URL"),
+                ));
+            }
+            ("openai", _, _) => {}
+            (p, Some(_), _) | (p, None, Some(_)) => {
+                return Err(err(
+                    if self.model_url.is_some() {
+                        "rollout.model_url"
+                    } else {
+                        "rollout.model"
+                    },
+                    format!("the {p} policy drives no model"),
+                ));
+            }
+            _ => {}
+        }
+        if self.sampling.is_some() && self.policy != "openai" {
+            return Err(err("rollout.sampling", "only the openai policy samples"));
+        }
+        if let Some(s) = &self.sampling {
+            if s.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+                return Err(err("rollout.sampling.temperature", "must be in [0, 2]"));
+            }
+            if s.top_p.is_some_and(|t| !(t > 0.0 && t <= 1.0)) {
+                return Err(err("rollout.sampling.top_p", "must be in (0, 1]"));
+            }
+            if s.max_tokens == Some(0) {
+                return Err(err("rollout.sampling.max_tokens", "must be at least 1"));
+            }
+        }
+        if !(1..=64).contains(&self.rollouts_per_task) {
+            return Err(err("rollout.rollouts_per_task", "must be in 1..=64"));
+        }
+        if self.max_steps == Some(0) {
+            return Err(err("rollout.max_steps", "must be at least 1"));
+        }
+        if self.context_tokens == Some(0) {
+            return Err(err("rollout.context_tokens", "must be at least 1"));
+        }
+        for (field, v) in [
+            ("command_timeout_s", self.command_timeout_s),
+            ("wall_time_s", self.wall_time_s),
+            ("max_cost", self.max_cost),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v > 0.0)
+            {
+                return Err(err(format!("rollout.{field}"), format!("{v} must be > 0")));
+            }
+        }
+        if self.tasks.is_empty() && !has_tasks_stage {
+            return Err(err(
+                "rollout.tasks",
+                "name task shards, or add a `tasks:` section whose stage builds them",
+            ));
+        }
+        for (i, t) in self.tasks.iter().enumerate() {
+            if t.trim().is_empty() {
+                return Err(err(format!("rollout.tasks[{i}]"), "empty"));
+            }
+        }
+        if let Some(m) = mixture
+            && !m
+                .stages
+                .iter()
+                .flat_map(|s| &s.datasets)
+                .any(|d| matches!(d.source, SampleSource::EnvPass | SampleSource::EnvFail))
+        {
+            return Err(err(
+                "rollout",
+                "no mixture stage takes env-pass or env-fail, so the trajectories would not be packed",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Settings the RolloutSpec has no field for, as the service's settings JSON.
+    fn settings_json(&self) -> String {
+        let mut v = serde_json::json!({});
+        let mut agent = serde_json::Map::new();
+        for (k, x) in [
+            ("command_timeout", self.command_timeout_s),
+            ("wall_time", self.wall_time_s),
+            ("max_cost", self.max_cost),
+        ] {
+            if let Some(x) = x {
+                agent.insert(k.into(), x.into());
+            }
+        }
+        if !agent.is_empty() {
+            v["agent"] = agent.into();
+        }
+        if let Some(s) = &self.sampling {
+            let mut llm = serde_json::Map::new();
+            if let Some(t) = s.temperature {
+                llm.insert("temperature".into(), t.into());
+            }
+            if let Some(t) = s.top_p {
+                llm.insert("top_p".into(), t.into());
+            }
+            if let Some(t) = s.seed {
+                llm.insert("seed".into(), t.into());
+            }
+            if let Some(t) = s.max_tokens {
+                llm.insert("max_tokens".into(), t.into());
+            }
+            if !llm.is_empty() {
+                v["llm"] = llm.into();
+            }
+        }
+        if let Some(d) = &self.repos_dir {
+            v["repos_dir"] = d.clone().into();
+        }
+        match v.as_object().is_some_and(|o| o.is_empty()) {
+            true => String::new(),
+            false => v.to_string(),
+        }
+    }
+}
+
+impl RunSpec {
+    /// The rollout stage's spec: the named task shards (or the tasks stage's output) in,
+    /// `runs/{run}/` out (`trajectories/{pass|fail}/`, `stats/rollout.json`).
+    pub fn rollout_spec(&self, root: &str, run_id: &str) -> Option<RolloutSpec> {
+        let r = self.rollout.as_ref()?;
+        let root = root.trim_end_matches('/');
+        Some(RolloutSpec {
+            tasks: match r.tasks.is_empty() {
+                true => vec![format!("{root}/runs/{run_id}/tasks/")],
+                false => r.tasks.clone(),
+            },
+            out: format!("{root}/runs/{run_id}"),
+            llm_base_url: r.model_url.clone().unwrap_or_default(),
+            llm_model: r.model.clone().unwrap_or_default(),
+            max_steps: r.max_steps.unwrap_or(0),
+            rollouts_per_task: r.rollouts_per_task,
+            max_tokens: r.context_tokens.unwrap_or(0),
+            policy: r.policy.clone(),
+            settings_json: r.settings_json(),
+        })
+    }
 }
 
 /// Benchmarks run against a model: one behind `model_url`, or the run's final checkpoint,
@@ -741,6 +1076,12 @@ impl RunSpec {
         if let Some(e) = &self.evaluation {
             e.validate(self.training.is_some())?;
         }
+        if let Some(t) = &self.tasks {
+            t.validate()?;
+        }
+        if let Some(r) = &self.rollout {
+            r.validate(self.has_tasks_stage(), self.mixture.as_ref())?;
+        }
         if let Some(id) = &self.run_id
             && (id.is_empty()
                 || id.len() > 64
@@ -959,6 +1300,11 @@ impl RunSpec {
                 .formats
                 .iter()
                 .map(|f| format!("{root}/runs/{run_id}/samples/{f}/"))
+                .chain(
+                    self.rollout
+                        .as_ref()
+                        .map(|_| format!("{root}/runs/{run_id}/trajectories/")),
+                )
                 .collect(),
             out: format!("{root}/runs/{run_id}/packed"),
             tokenizer: self.tokenizer.clone(),
@@ -1246,6 +1592,94 @@ mod tests {
     }
 
     #[test]
+    fn tasks_and_rollout_sections() {
+        let y = format!(
+            "{OK}tasks:\n  repos: ['acme/w=/m/w.git']\n  settings: {{jobs: 2, validate: {{runs: 1}}}}\nrollout:\n  policy: openai\n  model_url: http://vllm:8000/v1\n  model: qwen\n  rollouts_per_task: 4\n  max_steps: 30\n  wall_time_s: 600\n  sampling: {{temperature: 0.7, seed: 3}}\n"
+        )
+        .replace("repos: [/src/cachetools]", "repos: ['/src/c,name=acme/c', 'https://github.com/a/b']");
+        let s = RunSpec::parse(&y).unwrap();
+        assert_eq!(
+            crate::orchestrate::stages(&s),
+            ["crawl", "reconstruct", "tasks", "rollout", "pack"]
+        );
+        let t = s.tasks_spec("file:///d", "r1").unwrap();
+        assert_eq!(t.inputs, ["file:///d/runs/r1/prs/"]);
+        assert_eq!(t.out, "file:///d/runs/r1");
+        assert_eq!(
+            t.repos,
+            ["acme/c=/src/c", "acme/w=/m/w.git"],
+            "local sources are mirrors"
+        );
+        let st: serde_json::Value = serde_json::from_str(&t.settings_json).unwrap();
+        assert_eq!(st["validate"]["runs"], 1);
+        let r = s.rollout_spec("file:///d", "r1").unwrap();
+        assert_eq!(
+            r.tasks,
+            ["file:///d/runs/r1/tasks/"],
+            "the tasks stage's output"
+        );
+        assert_eq!(r.out, "file:///d/runs/r1");
+        assert_eq!(
+            (r.policy.as_str(), r.llm_model.as_str()),
+            ("openai", "qwen")
+        );
+        assert_eq!((r.rollouts_per_task, r.max_steps, r.max_tokens), (4, 30, 0));
+        let st: serde_json::Value = serde_json::from_str(&r.settings_json).unwrap();
+        assert_eq!(st["agent"]["wall_time"], 600.0);
+        assert_eq!(st["llm"]["temperature"], 0.7);
+        assert_eq!(st["llm"]["seed"], 3);
+        let p = s.pack_spec("file:///d", "r1");
+        assert_eq!(p.inputs.last().unwrap(), "file:///d/runs/r1/trajectories/");
+        // Specs without the sections keep their run id.
+        let plain = RunSpec::parse(OK).unwrap().to_yaml();
+        assert!(
+            plain.contains("rollout: null") && !plain.contains("tasks:"),
+            "{plain}"
+        );
+
+        let bad = |from: &str, to: &str| path_of(&y.replace(from, to));
+        assert_eq!(bad("policy: openai", "policy: random"), "rollout.policy");
+        assert_eq!(bad("  model: qwen\n", ""), "rollout.model");
+        assert_eq!(bad("http://vllm", "vllm"), "rollout.model_url");
+        assert_eq!(bad("policy: openai", "policy: replay"), "rollout.model_url");
+        assert_eq!(
+            bad("rollouts_per_task: 4", "rollouts_per_task: 65"),
+            "rollout.rollouts_per_task"
+        );
+        assert_eq!(bad("max_steps: 30", "max_steps: 0"), "rollout.max_steps");
+        assert_eq!(
+            bad("wall_time_s: 600", "wall_time_s: -1"),
+            "rollout.wall_time_s"
+        );
+        assert_eq!(
+            bad("temperature: 0.7", "temperature: 9"),
+            "rollout.sampling.temperature"
+        );
+        assert_eq!(bad("seed: 3", "seeds: 3"), "rollout.sampling.seeds");
+        assert_eq!(bad("acme/w=/m/w.git", "/m/w.git"), "tasks.repos[0]");
+        assert_eq!(bad("jobs: 2", "jobs: 0"), "tasks.settings.jobs");
+        assert_eq!(bad("jobs: 2", "workers: 2"), "tasks.settings.workers");
+        // Without a tasks stage the rollout names its tasks.
+        let no_tasks = y.replace(
+            "tasks:\n  repos: ['acme/w=/m/w.git']\n  settings: {jobs: 2, validate: {runs: 1}}\n",
+            "",
+        );
+        assert_eq!(path_of(&no_tasks), "rollout.tasks");
+        let named =
+            RunSpec::parse(&no_tasks.replace("rollout:\n", "rollout:\n  tasks: [s3://b/tasks/]\n"))
+                .unwrap();
+        assert_eq!(
+            named.rollout_spec("file:///d", "r").unwrap().tasks,
+            ["s3://b/tasks/"]
+        );
+        // A mixture that packs no trajectories would drop them.
+        assert_eq!(
+            path_of(&y.replace("{source: env-pass, upsample: 3}", "{source: ctx-general}")),
+            "rollout"
+        );
+    }
+
+    #[test]
     fn repositories_take_a_name_as_a_string_or_a_mapping() {
         let yaml = OK.replace(
             "repos: [/src/cachetools]",
@@ -1344,8 +1778,8 @@ mod tests {
             "sources.repos"
         );
         assert_eq!(
-            path_of(&format!("{OK}rollout:\n  max_steps: 3\n")),
-            "rollout.max_steps"
+            path_of(&format!("{OK}rollout:\n  policy: replay\n  max_step: 3\n")),
+            "rollout.max_step"
         );
         assert_eq!(
             path_of(&format!("{OK}filters:\n  subset: rust\n")),
