@@ -375,7 +375,7 @@ impl Tasks {
                 ));
             }
             if matches!(k.as_str(), "jobs" | "test_timeout_secs")
-                && !v.as_u64().is_some_and(|n| n >= 1)
+                && v.as_u64().is_none_or(|n| n < 1)
             {
                 return Err(err(
                     format!("tasks.settings.{k}"),
