@@ -353,33 +353,50 @@ fn embedded_run_trains_then_evaluates_the_checkpoint() {
         "{lls:?}"
     );
 
-    // The same checkpoint behind the inference target, named by model_url.
-    let port = davinci_testkit::free_port().unwrap();
+    // The same checkpoint behind the inference target, named by model_url. A port taken
+    // between choosing and binding it (tests run in parallel) is chosen again.
     let log = data.path().join("inference.log");
     let tok = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../crates/tokenize/tests/fixtures/tiny-qwen-shape.json"
     );
-    let mut server = Proc {
-        child: Command::new(env!("CARGO_BIN_EXE_davinci"))
-            .args(["serve", "--target", "inference", "--model"])
-            .arg(run.join("checkpoints/2"))
-            .args(["--tokenizer", tok, "--served-model-name", "tiny"])
-            .args(["--http-listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            server.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
-            "the inference server did not listen: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    let mut port = 0;
+    let mut server = None;
+    for _ in 0..3 {
+        port = davinci_testkit::free_port().unwrap();
+        let mut p = Proc {
+            child: Command::new(env!("CARGO_BIN_EXE_davinci"))
+                .args(["serve", "--target", "inference", "--model"])
+                .arg(run.join("checkpoints/2"))
+                .args(["--tokenizer", tok, "--served-model-name", "tiny"])
+                .args(["--http-listen", &format!("127.0.0.1:{port}")])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+            && p.child.try_wait().unwrap().is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the inference server did not listen in 60 s: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if p.child.try_wait().unwrap().is_none() {
+            server = Some(p);
+            break;
+        }
     }
+    let _server = server.unwrap_or_else(|| {
+        panic!(
+            "the inference server exited: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
     let remote = evaluation(&format!(
         "  model_url: http://127.0.0.1:{port}/v1\n  model: tiny\n"
     ));
@@ -1097,7 +1114,12 @@ fn make_run_args(checkout: &Path, repo: &str) -> Vec<String> {
         .lines()
         .find_map(|l| l.trim().strip_prefix("$(CARGO) run -p davinci-cli -- "))
         .expect("the Makefile's run recipe");
+    let spec = mk
+        .lines()
+        .find_map(|l| l.strip_prefix("SPEC ?= "))
+        .expect("the Makefile's default SPEC");
     recipe
+        .replace("$(SPEC)", spec.trim())
         .replace("$(if $(REPO),--repo $(REPO))", &format!("--repo {repo}"))
         .split_whitespace()
         .map(str::to_string)
