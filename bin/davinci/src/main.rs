@@ -14,6 +14,7 @@ mod run;
 mod runs;
 mod runspec;
 mod serve;
+mod synth;
 mod tasks;
 mod train;
 
@@ -52,6 +53,9 @@ enum Command {
     Serve(serve::Args),
     /// Ask a server for its grpc.health.v1 status.
     Health(health::Args),
+    /// Generate seeded synthetic inputs (PR shards with planted duplicates) for scale runs.
+    #[command(subcommand)]
+    Synth(synth::Command),
 }
 
 /// The S3 settings of one-shot commands: `storage.s3` as `davinci serve` reads it from
@@ -89,6 +93,7 @@ fn main() -> std::process::ExitCode {
             Command::Eval(c) => eval::run(c).await,
             Command::Serve(a) => serve::run(a).await,
             Command::Health(a) => health::run(a).await,
+            Command::Synth(c) => synth::run(c).await,
         }
     });
     match result {

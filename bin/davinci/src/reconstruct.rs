@@ -3,6 +3,8 @@
 use anyhow::Context;
 use davinci_core::sample::SampleSource;
 use davinci_reconstructor::batch;
+use davinci_reconstructor::filters::MinHashLsh;
+use davinci_reconstructor::partition::PartitionedDedup;
 use davinci_reconstructor::serve;
 use davinci_reconstructor::{ReconstructConfig, Reconstructor, TokenCounter};
 use davinci_runtime::blob;
@@ -58,6 +60,11 @@ pub struct Args {
     /// path naming HumanEval or SWE-bench uses their published prompt/solution columns).
     #[arg(long = "decontaminate", value_name = "PATH:FIELDS")]
     pub decontaminate: Vec<String>,
+    /// Deduplicate through storage in this many partitions (under `dedup/p{N}/` of --out)
+    /// instead of one in-memory index, so memory does not grow with the corpus; the samples
+    /// are the same. 0: the in-memory index.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub dedup_partitions: u32,
 }
 
 /// YAML (or JSON, a subset) into `ReconstructConfig`; errors name the bad field's path.
@@ -137,17 +144,38 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     bar.set_message(format!("{} shard(s)", inputs.len()));
     let b2 = bar.clone();
     let progress: batch::Progress = Arc::new(move |n| b2.set_position(n));
-    let report = batch::run_batch(
-        input,
-        &inputs,
-        output.clone(),
-        "",
-        &mut recon,
-        enhancer,
-        args.concurrency,
-        Some(progress),
-    )
-    .await?;
+    let (report, io) = if args.dedup_partitions == 0 {
+        let r = batch::run_batch(
+            input,
+            &inputs,
+            output.clone(),
+            "",
+            &mut recon,
+            enhancer,
+            args.concurrency,
+            Some(progress),
+        )
+        .await?;
+        (r, None)
+    } else {
+        let c = &recon.cfg;
+        let lsh = MinHashLsh::new(c.near_dup_threshold, c.minhash_perms, c.minhash_shingle);
+        let p = args.dedup_partitions;
+        let dedup = PartitionedDedup::new(output.clone(), &format!("dedup/p{p}"), p, lsh);
+        let (r, io) = batch::run_batch_partitioned(
+            input,
+            &inputs,
+            output.clone(),
+            "",
+            &mut recon,
+            enhancer,
+            args.concurrency,
+            Some(progress),
+            &dedup,
+        )
+        .await?;
+        (r, Some(io))
+    };
     bar.finish_and_clear();
 
     let st = &report.stats;
@@ -179,6 +207,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!(
             "  llm: {} answers ({} from cache), fallbacks {:?}",
             st.llm.requests, st.llm.cache_hits, st.llm.fallbacks
+        );
+    }
+    if let Some(io) = io {
+        println!(
+            "  dedup in {} partitions: {:.1} MB written, {:.1} MB read under {}",
+            args.dedup_partitions,
+            io.written as f64 / 1e6,
+            io.read as f64 / 1e6,
+            output.uri(&format!("dedup/p{}/", args.dedup_partitions))
         );
     }
     println!("  stats: {}", output.uri("stats/reconstruct.json"));

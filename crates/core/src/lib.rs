@@ -13,5 +13,6 @@ pub mod packed;
 pub mod pr;
 pub mod sample;
 pub mod search_replace;
+pub mod synth;
 pub mod task;
 pub mod traj;

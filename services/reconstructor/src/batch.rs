@@ -4,6 +4,7 @@
 //! Output shard names derive from the input shard name and the format version, so running the
 //! stage twice writes the same objects.
 use crate::enhance::Enhancer;
+use crate::partition::{Io, PartitionedDedup, Parts, Resolution};
 use crate::pipeline::{Candidate, Reconstructor, Stats};
 use bytes::Bytes;
 use davinci_core::pr::PullRequest;
@@ -231,4 +232,82 @@ fn format_version(f: SampleSource) -> &'static str {
         SampleSource::CtxPython => davinci_core::ctx::CTX_PYTHON_FORMAT,
         _ => davinci_core::ctx::CTX_GENERAL_FORMAT,
     }
+}
+
+/// [`run_batch`] with dedup through storage ([`crate::partition`]) instead of one in-memory
+/// index: pass 1 renders each shard into candidates kept under the dedup prefix and maps their
+/// keys to the partitions; the shuffle runs; pass 2 takes the shards in input order, resolves
+/// their verdicts and writes their samples. The process holds one shard's candidates or one
+/// partition's records at a time, so its memory does not grow with the corpus. The samples
+/// and stats equal [`run_batch`]'s.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_batch_partitioned(
+    input: Arc<dyn BlobStore>,
+    inputs: &[String],
+    output: Arc<dyn BlobStore>,
+    out_prefix: &str,
+    recon: &mut Reconstructor,
+    enhancer: Arc<Enhancer>,
+    concurrency: usize,
+    progress: Option<Progress>,
+    dedup: &PartitionedDedup,
+) -> anyhow::Result<(BatchReport, Io)> {
+    let started = std::time::Instant::now();
+    let mut io = Io::default();
+    dedup.clear().await?;
+    let mut counts = Vec::with_capacity(inputs.len());
+    let mut done = 0u64;
+    for (k, key) in inputs.iter().enumerate() {
+        let data = input.get(key).await?;
+        let candidates = render_shard(key, &data, recon, enhancer.clone(), concurrency, || {
+            done += 1;
+            if let Some(p) = &progress {
+                p(done);
+            }
+        })
+        .await?;
+        let first = counts.iter().sum();
+        io += dedup.put_candidates(k, &candidates).await?;
+        io += dedup.map_part(k, first, &candidates).await?;
+        counts.push(candidates.len() as u64);
+    }
+    let parts = Parts::from_counts(&counts);
+    io += dedup.shuffle(&parts).await?;
+    let mut state = Resolution::default();
+    let mut written: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, key) in inputs.iter().enumerate() {
+        let (candidates, read) = dedup.get_candidates(k).await?;
+        io += read;
+        let (verdicts, read) = dedup.resolve_part(k, &parts, &mut state).await?;
+        io += read;
+        anyhow::ensure!(
+            verdicts.len() == candidates.len(),
+            "part {k} ({key}): {} verdicts for {} candidates",
+            verdicts.len(),
+            candidates.len()
+        );
+        let mut by_format: BTreeMap<SampleSource, Vec<Sample>> = BTreeMap::new();
+        for (c, v) in candidates.into_iter().zip(verdicts) {
+            if let Some(s) = recon.admit_verdict(c, v) {
+                by_format.entry(s.source).or_default().push(s);
+            }
+        }
+        for (format, k, _) in write_samples(output.as_ref(), out_prefix, key, by_format).await? {
+            written
+                .entry(format.as_str().to_string())
+                .or_default()
+                .push(k);
+        }
+    }
+    recon.stats.llm = enhancer.stats();
+    recon.stats.seconds = started.elapsed().as_secs_f64();
+    let stats = recon.stats.clone();
+    let body = serde_json::to_vec_pretty(&stats)?;
+    output
+        .put(
+            &join_key(out_prefix, "stats/reconstruct.json"),
+            Bytes::from(body),
+        )
+        .await?;
+    Ok((BatchReport { stats, written }, io))
 }

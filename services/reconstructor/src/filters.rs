@@ -274,15 +274,32 @@ impl MinHashLsh {
         self.check_and_insert_signature(self.signature(text))
     }
 
-    /// [`Self::check_and_insert`] for a signature computed by [`Self::signature`].
-    pub fn check_and_insert_signature(&mut self, sig: Vec<u64>) -> bool {
-        let band_keys: Vec<u64> = (0..self.bands)
+    /// Values per signature.
+    pub fn perms(&self) -> usize {
+        self.perms.len()
+    }
+
+    /// One key per LSH band of `sig` (two signatures can be candidates only where a band's
+    /// key is equal).
+    pub fn band_keys(&self, sig: &[u64]) -> Vec<u64> {
+        (0..self.bands)
             .map(|b| {
                 sig[b * self.rows..(b + 1) * self.rows]
                     .iter()
                     .fold(b as u64, |h, &x| mix(h ^ x))
             })
-            .collect();
+            .collect()
+    }
+
+    /// Whether two signatures' estimated Jaccard similarity reaches the threshold.
+    pub fn similar(&self, a: &[u64], b: &[u64]) -> bool {
+        let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+        same as f64 / a.len() as f64 >= self.threshold
+    }
+
+    /// [`Self::check_and_insert`] for a signature computed by [`Self::signature`].
+    pub fn check_and_insert_signature(&mut self, sig: Vec<u64>) -> bool {
+        let band_keys = self.band_keys(&sig);
         let mut checked = HashSet::new();
         for (b, key) in band_keys.iter().enumerate() {
             if let Some(ids) = self.buckets[b].get(key) {
@@ -290,9 +307,7 @@ impl MinHashLsh {
                     if !checked.insert(id) {
                         continue;
                     }
-                    let other = &self.signatures[id as usize];
-                    let same = sig.iter().zip(other).filter(|(x, y)| x == y).count();
-                    if same as f64 / sig.len() as f64 >= self.threshold {
+                    if self.similar(&sig, &self.signatures[id as usize]) {
                         return true;
                     }
                 }

@@ -350,11 +350,19 @@ impl Reconstructor {
     /// The order-dependent half of [`Self::process`]: exact and near dedup against every
     /// candidate admitted before. Returns the sample when it is kept.
     pub fn admit(&mut self, c: Candidate) -> Option<Sample> {
-        let format = c.sample.source;
-        let Some(d) = self.dedup.get_mut(&format) else {
-            self.drop(format, "unsupported_format");
-            return None;
-        };
+        match self.dedup_verdict(&c) {
+            Some(v) => self.admit_verdict(c, v),
+            None => {
+                self.drop(c.sample.source, "unsupported_format");
+                None
+            }
+        }
+    }
+
+    /// The one-process dedup decision for `c` against every candidate decided before (which
+    /// it remembers, as [`Self::admit`] does); `None` for a format this stage does not write.
+    pub fn dedup_verdict(&mut self, c: &Candidate) -> Option<Verdict> {
+        let d = self.dedup.get_mut(&c.sample.source)?;
         let key = match hex::decode(&c.text_sha256)
             .ok()
             .and_then(|k| k.try_into().ok())
@@ -362,23 +370,51 @@ impl Reconstructor {
             Some(k) => k,
             None => ExactDedup::key(&c.sample.text),
         };
-        if d.exact.check_and_insert_key(key) {
-            self.drop(format, "duplicate");
-            return None;
-        }
-        if d.near.check_and_insert_signature(c.signature) {
-            self.drop(format, "near_duplicate");
-            return None;
-        }
-        let fs = self
-            .stats
-            .formats
-            .entry(format.as_str().to_string())
-            .or_default();
-        fs.samples += 1;
-        fs.tokens += c.sample.metadata.n_tokens.unwrap_or(0);
-        Some(c.sample)
+        Some(if d.exact.check_and_insert_key(key) {
+            Verdict::Duplicate
+        } else if d.near.check_and_insert_signature(c.signature.clone()) {
+            Verdict::NearDuplicate
+        } else {
+            Verdict::Keep
+        })
     }
+
+    /// Counts `c` under a dedup decision made here or by [`crate::partition`], and returns
+    /// the sample when it is kept.
+    pub fn admit_verdict(&mut self, c: Candidate, v: Verdict) -> Option<Sample> {
+        let format = c.sample.source;
+        match v {
+            Verdict::Duplicate => {
+                self.drop(format, "duplicate");
+                None
+            }
+            Verdict::NearDuplicate => {
+                self.drop(format, "near_duplicate");
+                None
+            }
+            Verdict::Keep => {
+                let fs = self
+                    .stats
+                    .formats
+                    .entry(format.as_str().to_string())
+                    .or_default();
+                fs.samples += 1;
+                fs.tokens += c.sample.metadata.n_tokens.unwrap_or(0);
+                Some(c.sample)
+            }
+        }
+    }
+}
+
+/// What dedup decided for one candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Keep,
+    /// Same format and text as an earlier candidate (`duplicate`).
+    Duplicate,
+    /// Similar to an earlier kept candidate of its format (`near_duplicate`).
+    NearDuplicate,
 }
 
 /// A rendered sample before dedup, with what dedup compares, so the order-dependent step can
