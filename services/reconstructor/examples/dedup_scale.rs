@@ -8,7 +8,7 @@
 use davinci_core::sample::SampleSource;
 use davinci_core::synth::{self, Planted, Synth, SynthConfig};
 use davinci_reconstructor::filters::MinHashLsh;
-use davinci_reconstructor::partition::{PartitionedDedup, Parts, Resolution};
+use davinci_reconstructor::partition::{Io, PartitionedDedup, Parts, Resolution};
 use davinci_reconstructor::pipeline::Candidate;
 use davinci_reconstructor::{
     EnhanceConfig, Enhancer, ReconstructConfig, Reconstructor, Verdict, word_counter,
@@ -83,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let pd = PartitionedDedup::new(store.clone(), &format!("p{p}"), p, lsh);
         let t = Instant::now();
-        let mut io = Default::default();
+        let mut io = Io::default();
         for (k, c) in chunks.iter().enumerate() {
             io += pd.map_part(k, parts.starts[k], c).await?;
         }
