@@ -239,3 +239,69 @@ async fn a_replica_killed_mid_validation_changes_no_task() {
     );
     assert_eq!(outputs(&out), want, "the same tasks as the undisturbed run");
 }
+
+/// `davinci run` with a `tasks:` section: the run's crawl of a fixture repository goes through
+/// the tasks stage (the embedded Tasks service), which keeps the PR that fixes a failing test,
+/// with its FAIL_TO_PASS, and writes `stats/tasks.json`; the run then packs its samples.
+#[test]
+fn embedded_run_builds_tasks_from_its_crawl() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let wheels = tmp.path().join("wheels");
+    std::fs::create_dir_all(&wheels).unwrap();
+    prs::wheel(&wheels, "tinydep").unwrap();
+    let (repo, _) = prs::tiny_repo(tmp.path()).unwrap();
+    let settings = serde_json::json!({
+        "env": {
+            "python": prs::PYTHON,
+            "pip_args": ["--no-index", "--find-links", wheels, "--no-build-isolation"],
+            "ro_binds": [wheels],
+            "attempts": 1,
+        },
+        "validate": {"runs": 1},
+        "select": {"max_files": 3},
+        "test_timeout_secs": 60,
+        "sandbox": {"kind": "local"},
+    });
+    let tok = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../crates/tokenize/tests/fixtures/tiny-qwen-shape.json"
+    );
+    let store = tmp.path().join("store");
+    let spec = format!(
+        "run_id: tasks\nstorage: file://{}\nsources:\n  repos: ['{},name=acme/tiny']\ntokenizer: {tok}\npacking:\n  seq_len: 2048\nmixture:\n  stages:\n    - name: stage1\n      datasets: [{{source: ctx-general}}]\ntasks:\n  settings: {settings}\n",
+        store.display(),
+        repo.display()
+    );
+    let spec_file = tmp.path().join("run.yaml");
+    std::fs::write(&spec_file, spec).unwrap();
+    let out = davinci()
+        .arg("run")
+        .arg(&spec_file)
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let stdout = succeeded(&out);
+    assert!(stdout.contains("wall time per stage: crawl"), "{stdout}");
+    assert!(stdout.contains("tasks "), "{stdout}");
+    let run = store.join("runs/tasks");
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("stats/tasks.json")).unwrap()).unwrap();
+    let mut kept = Vec::new();
+    for e in std::fs::read_dir(run.join("tasks")).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().ends_with(".jsonl.zst") {
+            let text =
+                String::from_utf8(zstd::decode_all(&std::fs::read(&p).unwrap()[..]).unwrap())
+                    .unwrap();
+            for l in text.lines() {
+                let t: serde_json::Value = serde_json::from_str(l).unwrap();
+                kept.push((t["instance_id"].clone(), t["FAIL_TO_PASS"].clone()));
+            }
+        }
+    }
+    assert!(
+        kept.iter()
+            .any(|(id, f2p)| id == "acme__tiny-1" && f2p.as_array().is_some_and(|a| !a.is_empty())),
+        "{kept:?} {stats}"
+    );
+}
