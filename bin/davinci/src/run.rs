@@ -58,7 +58,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut settings = davinci_runtime::config::Settings::default();
     settings.storage.uri = root.clone();
     let (tasks_base, tasks_dirs) = crate::serve::tasks_settings(&settings)?;
-    let rollout_base = crate::serve::rollout_settings(&settings)?;
+    let mut rollout_base = crate::serve::rollout_settings(&settings)?;
+    // Rollouts grade in the environments the tasks stage built.
+    rollout_base.env_root = Some(tasks_dirs.env_root.clone());
     for w in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
         let tasks = davinci_tasks::serve::worker(
             queue.clone(),

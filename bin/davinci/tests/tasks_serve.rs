@@ -240,11 +240,12 @@ async fn a_replica_killed_mid_validation_changes_no_task() {
     assert_eq!(outputs(&out), want, "the same tasks as the undisturbed run");
 }
 
-/// `davinci run` with a `tasks:` section: the run's crawl of a fixture repository goes through
-/// the tasks stage (the embedded Tasks service), which keeps the PR that fixes a failing test,
-/// with its FAIL_TO_PASS, and writes `stats/tasks.json`; the run then packs its samples.
+/// `davinci run` with `tasks:` and `rollout:` sections: crawl → reconstruct → tasks → rollout →
+/// pack. The run's crawl of a fixture repository goes through the tasks stage (the embedded
+/// Tasks service), which keeps the PR that fixes a failing test with its FAIL_TO_PASS; the
+/// replay rollouts of the kept tasks pass and pack into `env-pass`.
 #[test]
-fn embedded_run_builds_tasks_from_its_crawl() {
+fn embedded_run_builds_tasks_from_its_crawl_and_rolls_them_out() {
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let wheels = tmp.path().join("wheels");
     std::fs::create_dir_all(&wheels).unwrap();
@@ -267,10 +268,21 @@ fn embedded_run_builds_tasks_from_its_crawl() {
         "/../../crates/tokenize/tests/fixtures/tiny-qwen-shape.json"
     );
     let store = tmp.path().join("store");
+    // The rollout's prepared environments: a clone named owner__name.
+    let mirrors = tmp.path().join("mirrors");
+    std::fs::create_dir_all(&mirrors).unwrap();
+    let st = std::process::Command::new("git")
+        .args(["clone", "-q"])
+        .arg(&repo)
+        .arg(mirrors.join("acme__tiny"))
+        .status()
+        .unwrap();
+    assert!(st.success());
     let spec = format!(
-        "run_id: tasks\nstorage: file://{}\nsources:\n  repos: ['{},name=acme/tiny']\ntokenizer: {tok}\npacking:\n  seq_len: 2048\nmixture:\n  stages:\n    - name: stage1\n      datasets: [{{source: ctx-general}}]\ntasks:\n  settings: {settings}\n",
+        "run_id: tasks\nstorage: file://{}\nsources:\n  repos: ['{},name=acme/tiny']\ntokenizer: {tok}\npacking:\n  seq_len: 16384\nmixture:\n  stages:\n    - name: stage1\n      datasets: [{{source: ctx-general}}]\n    - name: sft\n      mask: assistant-only\n      datasets: [{{source: env-pass}}]\ntasks:\n  settings: {settings}\nrollout:\n  policy: replay\n  repos_dir: {}\n",
         store.display(),
-        repo.display()
+        repo.display(),
+        mirrors.display()
     );
     let spec_file = tmp.path().join("run.yaml");
     std::fs::write(&spec_file, spec).unwrap();
@@ -303,5 +315,14 @@ fn embedded_run_builds_tasks_from_its_crawl() {
         kept.iter()
             .any(|(id, f2p)| id == "acme__tiny-1" && f2p.as_array().is_some_and(|a| !a.is_empty())),
         "{kept:?} {stats}"
+    );
+    // The rollout took the tasks stage's output; the replay of each kept task passed and
+    // packed into env-pass.
+    let rollout: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("stats/rollout.json")).unwrap()).unwrap();
+    assert_eq!(rollout["exit_status"]["submitted"], kept.len(), "{rollout}");
+    assert!(
+        stdout.contains(&format!("packed sft/env-pass: {} documents", kept.len())),
+        "{stdout}\n{rollout}"
     );
 }

@@ -76,6 +76,9 @@ pub struct RolloutSettings {
     /// trajectory's `n_tokens` count the conversation as the Qwen2.5 chat template renders it.
     /// Unset: the server's `usage` (which the replay and null policies have none of).
     pub tokenizer: Option<String>,
+    /// Root of the recipe environments the tasks stage built (`{owner}__{name}/{hash}/venv`),
+    /// mounted read-only on the local backend so tasks with `env.recipe_hash` can be graded.
+    pub env_root: Option<PathBuf>,
 }
 
 impl Default for RolloutSettings {
@@ -96,6 +99,7 @@ impl Default for RolloutSettings {
             setup_network: false,
             infra_attempts: 3,
             tokenizer: None,
+            env_root: None,
         }
     }
 }
@@ -172,7 +176,13 @@ impl Roller {
     /// all sharing the endpoint's concurrency limit.
     pub async fn new(settings: RolloutSettings) -> anyhow::Result<Roller> {
         settings.validate()?;
-        let sandbox = davinci_sandbox::open(&settings.sandbox)
+        let mut backend = settings.sandbox.clone();
+        if let (davinci_sandbox::Backend::Local(l), Some(root)) = (&mut backend, &settings.env_root)
+            && !l.ro_binds.contains(root)
+        {
+            l.ro_binds.push(root.clone());
+        }
+        let sandbox = davinci_sandbox::open(&backend)
             .await
             .map_err(|e| anyhow::anyhow!("opening the sandbox backend: {e}"))?;
         let harness = Harness::new(
@@ -187,9 +197,7 @@ impl Roller {
                 setup_network: settings.setup_network,
                 memory_bytes: settings.agent.memory_bytes,
                 max_processes: settings.agent.max_processes,
-                // Recipe environments (local venvs) are not mounted for rollouts yet: image or
-                // repository tasks only.
-                env_root: None,
+                env_root: settings.env_root.clone(),
             },
         );
         let mut clients = Vec::new();

@@ -55,8 +55,11 @@ pub async fn load_tasks(uris: &[String], s3: &S3Config) -> anyhow::Result<Vec<Ta
                         && (k.ends_with(".jsonl")
                             || k.ends_with(".jsonl.zst")
                             || k.ends_with(".json"))
-                        && !k.contains("/logs/")
-                        && !k.contains("stats/")
+                        // The tasks stage's validation logs, part markers and stats beside
+                        // its shards, also when the prefix is the tasks directory itself.
+                        && !k
+                            .split('/')
+                            .any(|c| matches!(c, "logs" | "parts" | "stats"))
                 })
                 .collect()
         } else {
