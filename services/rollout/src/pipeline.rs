@@ -77,7 +77,8 @@ pub struct RolloutSettings {
     /// Unset: the server's `usage` (which the replay and null policies have none of).
     pub tokenizer: Option<String>,
     /// Root of the recipe environments the tasks stage built (`{owner}__{name}/{hash}/venv`),
-    /// mounted read-only on the local backend so tasks with `env.recipe_hash` can be graded.
+    /// mounted read-only on the local backend (where it exists) so tasks with
+    /// `env.recipe_hash` can be graded.
     pub env_root: Option<PathBuf>,
 }
 
@@ -178,6 +179,7 @@ impl Roller {
         settings.validate()?;
         let mut backend = settings.sandbox.clone();
         if let (davinci_sandbox::Backend::Local(l), Some(root)) = (&mut backend, &settings.env_root)
+            && root.is_dir()
             && !l.ro_binds.contains(root)
         {
             l.ro_binds.push(root.clone());
