@@ -66,7 +66,10 @@ build: ## build the davinci binary (release)
 test: test-deps ## run the whole test suite against real Redis and S3 servers
 	$(CARGO) test --workspace --no-fail-fast
 	python3 scripts/check_megatron.py   # reads our shards with Megatron's reader; skips without megatron-core
-	scripts/check_ctx_fixture.sh       # every ctx sample of a fixture crawl rebuilt from its text alone, checked against git
+	# every ctx sample of a fixture crawl rebuilt from its text alone, checked against git; with
+	# the binary the tests built (`cargo run -p davinci-cli` would rebuild every dependency with
+	# that one package's features)
+	DAVINCI="$${CARGO_TARGET_DIR:-target}/debug/davinci" scripts/check_ctx_fixture.sh
 	$(VENV)/bin/python scripts/check_chart.py   # the Helm chart rendered by Helm itself, every object validated
 
 lint: ## rustfmt + clippy, warnings are errors

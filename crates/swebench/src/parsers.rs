@@ -71,8 +71,9 @@ impl Parser {
             Parser::Sympy => parse_sympy(log),
             Parser::Matplotlib => parse_matplotlib(log),
             Parser::Seaborn => parse_seaborn(log),
-            // `python -m unittest -v` prints what Django's runner prints (`name ... ok`).
-            Parser::Unittest => parse_django(log),
+            // `python -m unittest -v` prints what Django's runner prints (`name ... ok`), but
+            // a test with a docstring takes two lines; those are joined first.
+            Parser::Unittest => parse_django(&join_unittest_docstrings(log)),
         }
     }
 }
@@ -191,6 +192,32 @@ static DJANGO_MULTILINE: LazyLock<Vec<Regex>> = LazyLock::new(|| {
     .map(|p| Regex::new(p).unwrap())
     .collect()
 });
+
+/// `unittest -v` prints a test with a docstring as `test_x (pkg.mod.Class.test_x)` then
+/// `First docstring line ... ok`; the result line gets the name back, so lists name runnable,
+/// unique tests rather than docstrings. (Upstream's Django parser keeps the docstring, and
+/// SWE-bench's Django lists do too, so only our `unittest` parser joins.)
+fn join_unittest_docstrings(log: &str) -> String {
+    static NAME: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"^\w+ \([\w.]+\)$").expect("a valid pattern"));
+    let lines: Vec<&str> = log.split('\n').collect();
+    let mut out = Vec::with_capacity(lines.len());
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        if NAME.is_match(line.trim_end())
+            && let Some(next) = lines.get(i + 1)
+            && let Some((_, status)) = next.split_once(" ... ")
+        {
+            out.push(format!("{} ... {status}", line.trim_end()));
+            i += 2;
+            continue;
+        }
+        out.push(line.to_string());
+        i += 1;
+    }
+    out.join("\n")
+}
 
 fn parse_django(log: &str) -> StatusMap {
     let mut m = StatusMap::new();
@@ -328,6 +355,33 @@ fn parse_seaborn(log: &str) -> StatusMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// more-itertools' log, as `python -m unittest -v` writes it: tests with docstrings keep
+    /// their names.
+    #[test]
+    fn unittest_docstring_lines_keep_the_test_name() {
+        let log = "test_a (tests.test_more.A.test_a) ... ok\n\
+                   test_b (tests.test_more.A.test_b)\n\
+                   Test that the predicate is only called once per item. ... ok\n\
+                   test_c (tests.test_more.A.test_c)\n\
+                   Check the empty case. ... FAIL\n";
+        let m = Parser::Unittest.parse(log);
+        let want: StatusMap = [
+            ("test_a (tests.test_more.A.test_a)", PASSED),
+            ("test_b (tests.test_more.A.test_b)", PASSED),
+            ("test_c (tests.test_more.A.test_c)", FAILED),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(m, want);
+        // Django's parser, as upstream, keeps the docstring.
+        assert!(
+            Parser::Django
+                .parse(log)
+                .contains_key("Check the empty case.")
+        );
+    }
 
     #[test]
     fn pytest_lines() {

@@ -78,6 +78,9 @@ pub struct BuildFailed {
     pub log: String,
 }
 
+/// The version a package that takes it from git metadata is built with.
+pub const SCM_PRETEND_VERSION: &str = "0.0.0";
+
 /// The environment cache.
 #[derive(Debug, Clone)]
 pub struct Envs {
@@ -231,6 +234,13 @@ impl Envs {
         spec.env
             .insert("PIP_DISABLE_PIP_VERSION_CHECK".into(), "1".into());
         spec.env.insert("PIP_NO_CACHE_DIR".into(), "1".into());
+        // The exported tree has no `.git`, so setuptools-scm (and hatch-vcs, which uses it)
+        // cannot find a version and the build fails (python-attrs/attrs); the environment is
+        // shared by every commit of the recipe, so it gets a neutral one.
+        spec.env.insert(
+            "SETUPTOOLS_SCM_PRETEND_VERSION".into(),
+            SCM_PRETEND_VERSION.into(),
+        );
         // pip builds in TMPDIR; the sandbox's /tmp is a small tmpfs.
         spec.env
             .insert("TMPDIR".into(), format!("{}/tmp", dir.display()));
