@@ -4,7 +4,7 @@ use davinci_proto::v1::rollout_client::RolloutClient;
 use davinci_proto::v1::trainer_client::TrainerClient;
 use davinci_proto::v1::{JobRef, RolloutSpec, StartRolloutRequest};
 mod common;
-use common::{http_get, listen_flags, wait_serving};
+use common::{free_listen_flags, http_get, listen_flags, try_serving};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic_health::pb::HealthCheckRequest;
@@ -227,17 +227,33 @@ fn every_target_serves_with_no_settings_at_all() {
     for (target, health) in targets {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serve.log");
-        let (flags, addr) = listen_flags();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_davinci"))
-            .args(["serve", "--target", target])
-            .args(&flags)
-            .env_clear()
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let out = wait_serving(&mut child, &log, &addr, &health);
+        // The default ports can be taken between the check and the bind (a parallel test's
+        // ephemeral port): then the same start is tried once more on free ports.
+        let mut defaults = true;
+        let (mut child, out) = loop {
+            let (flags, addr) = if defaults {
+                listen_flags()
+            } else {
+                free_listen_flags()
+            };
+            let mut child = Command::new(env!("CARGO_BIN_EXE_davinci"))
+                .args(["serve", "--target", target])
+                .args(&flags)
+                .env_clear()
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            match try_serving(&mut child, &log, &addr, &health) {
+                Ok(out) => break (child, out),
+                Err(e) if defaults && e.contains("Address already in use") => {
+                    eprintln!("NOTE: {target}: a default port was taken before the bind: {e}");
+                    defaults = false;
+                }
+                Err(e) => panic!("{target}: server exited before SERVING:\n{e}"),
+            }
+        };
         let text = String::from_utf8_lossy(&out.stdout);
         let want = if target == "all" { 8 } else { 1 };
         assert_eq!(text.matches("\tSERVING").count(), want, "{target}: {text}");

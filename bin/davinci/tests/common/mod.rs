@@ -38,9 +38,14 @@ pub fn listen_flags() -> (Vec<String>, String) {
     if free(50051) && free(9090) {
         return (Vec::new(), "127.0.0.1:50051".into());
     }
+    eprintln!("NOTE: ports 50051/9090 are taken here; the server gets free ports");
+    free_listen_flags()
+}
+
+/// `--listen` and `--metrics-listen` on free loopback ports, and the gRPC address.
+pub fn free_listen_flags() -> (Vec<String>, String) {
     let port = davinci_testkit::free_port().unwrap();
     let metrics = davinci_testkit::free_port().unwrap();
-    eprintln!("NOTE: ports 50051/9090 are taken here; the server gets --listen 127.0.0.1:{port}");
     (
         vec![
             "--listen".into(),
@@ -55,6 +60,17 @@ pub fn listen_flags() -> (Vec<String>, String) {
 /// Polls `davinci health --addr {addr} {args}` until it succeeds; panics with the server's
 /// stderr (in `log`) when `server` exits or 30 s pass.
 pub fn wait_serving(server: &mut Child, log: &Path, addr: &str, args: &[&str]) -> Output {
+    try_serving(server, log, addr, args)
+        .unwrap_or_else(|e| panic!("server exited before SERVING:\n{e}"))
+}
+
+/// As [`wait_serving`], but a server that exits gives `Err` with its exit status and log.
+pub fn try_serving(
+    server: &mut Child,
+    log: &Path,
+    addr: &str,
+    args: &[&str],
+) -> Result<Output, String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = davinci()
@@ -63,11 +79,11 @@ pub fn wait_serving(server: &mut Child, log: &Path, addr: &str, args: &[&str]) -
             .output()
             .unwrap();
         if out.status.success() {
-            return out;
+            return Ok(out);
         }
         let log = || std::fs::read_to_string(log).unwrap_or_default();
         if let Some(st) = server.try_wait().unwrap() {
-            panic!("server exited {st} before SERVING:\n{}", log());
+            return Err(format!("{st}\n{}", log()));
         }
         assert!(
             Instant::now() < deadline,
